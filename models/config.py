@@ -1,0 +1,97 @@
+"""GPTConfig: the geometry and options of a Llama-family decoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+class ModelConfigError(ValueError):
+    """An inconsistent model configuration; the message names the fields and the fix."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (HF rope_type 'llama3')."""
+
+    factor: float = 8.0
+    """How much the context was extended: low frequencies are divided by this."""
+    low_freq_factor: float = 1.0
+    """Wavelengths above original_max_position_embeddings / low_freq_factor are fully scaled."""
+    high_freq_factor: float = 4.0
+    """Wavelengths below original_max_position_embeddings / high_freq_factor are left as they are."""
+    original_max_position_embeddings: int = 8192
+    """Context length of the model before the extension."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """A decoder-only transformer: pre-norm RMSNorm blocks, RoPE attention with GQA, SwiGLU MLP."""
+
+    vocab_size: int = 256
+    """Tokens in the vocabulary (need not divide anything: TP pads it internally and never predicts the padding)."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Query heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention); None means num_heads (multi-head attention)."""
+    head_dim: Optional[int] = None
+    """Width of one head; None means hidden_size / num_heads."""
+    intermediate_size: int = 172
+    """Width of the SwiGLU MLP's hidden layer."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: Optional[RopeScaling] = None
+    """Llama-3 RoPE scaling for extended contexts; None for plain RoPE."""
+    max_seq_len: int = 2048
+    """Longest sequence the model is configured for (used for checks and FLOP counts, not a hard cap on RoPE)."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
+    qkv_bias: bool = False
+    """Bias on the q, k, v projections (Qwen2)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    attention_core: str = "sdpa"
+    """Local attention kernel inside the head-sharded region: 'sdpa' (torch), later 'te', 'flash', 'auto'."""
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ModelConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
+                    "set head_dim explicitly or choose divisible sizes")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ModelConfigError(f"model.{name} = {getattr(self, name)}: must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}: each kv head "
+                "serves a whole group of query heads")
+        if self.head_dim % 2:
+            raise ModelConfigError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count (embedding and head counted once if tied)."""
+        d, f = self.hidden_size, self.intermediate_size
+        attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + (self.q_size + 2 * self.kv_size) * self.qkv_bias
+        block = attn + 3 * d * f + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * block + emb + d

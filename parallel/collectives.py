@@ -1,0 +1,122 @@
+"""Every torch.distributed collective the project uses, in one place (gloo/NCCL and API differences live here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+@dataclass(frozen=True, eq=False)
+class CommGroup:
+    """A process group with its size, this process's rank in it, and the global ranks it spans."""
+
+    pg: Optional[dist.ProcessGroup]
+    ranks: tuple[int, ...]
+    rank: int
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @staticmethod
+    def solo() -> "CommGroup":
+        """A group of one: every collective over it returns its input (single-device runs)."""
+        return CommGroup(pg=None, ranks=(0,), rank=0)
+
+
+def _whole(group: CommGroup) -> bool:
+    return group.size == 1
+
+
+def all_reduce(x: torch.Tensor, group: CommGroup, op: str = "sum") -> torch.Tensor:
+    """All-reduce in place over the group; returns x."""
+    if not _whole(group):
+        dist.all_reduce(x, op=_OPS[op], group=group.pg)
+    return x
+
+
+def all_gather(x: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's equally shaped x along dim, in group-rank order."""
+    if _whole(group):
+        return x
+    x = x.contiguous()
+    out = torch.empty((group.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    if x.device.type == "cpu":  # gloo has no fused all-gather on every torch version: gather a list
+        dist.all_gather(list(out.chunk(group.size)), x, group=group.pg)
+    else:
+        gather_single(out, x, group=group.pg)
+    if dim == 0:
+        return out
+    return torch.cat(out.chunk(group.size, dim=0), dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
+    """Sum x over the group and keep this rank's chunk along dim (x.shape[dim] divisible by the group size)."""
+    if _whole(group):
+        return x
+    if x.shape[dim] % group.size:
+        raise ValueError(f"reduce_scatter: size {x.shape[dim]} of dim {dim} is not divisible by group size {group.size}")
+    if dim != 0:  # stack the dim-chunks along dim 0: (p * n0, ..., n_dim / p, ...)
+        x = torch.cat(x.chunk(group.size, dim=dim), dim=0)
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // group.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    if x.device.type == "cpu":  # gloo: reduce the whole tensor, keep our chunk
+        reduced = x.clone()
+        dist.all_reduce(reduced, group=group.pg)
+        out.copy_(reduced.chunk(group.size)[group.rank])
+    else:
+        scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        scatter_single(out, x, group=group.pg)
+    return out  # chunk r of the dim-0 stack is exactly chunk r along dim
+
+
+def all_to_all(x: torch.Tensor, group: CommGroup, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split x into group.size chunks along scatter_dim, send chunk i to rank i, concatenate received along gather_dim."""
+    if _whole(group):
+        return x
+    p = group.size
+    if x.shape[scatter_dim] % p:
+        raise ValueError(f"all_to_all: size {x.shape[scatter_dim]} of dim {scatter_dim} is not divisible by group size {p}")
+    # (..., p * c, ...) -> (p, ..., c, ...): chunk i is contiguous at the front for all_to_all_single
+    send = torch.stack(x.chunk(p, dim=scatter_dim), dim=0).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.pg)
+    # recv[i] came from rank i: it is the i-th piece along gather_dim
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def all_to_all_uneven(x: torch.Tensor, group: CommGroup, send_sizes: Sequence[int], recv_sizes: Sequence[int]) -> torch.Tensor:
+    """All-to-all along dim 0 with per-rank split sizes: send_sizes[i] rows go to rank i, recv_sizes[i] come from it."""
+    if _whole(group):
+        return x
+    x = x.contiguous()
+    out = torch.empty((sum(recv_sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x, output_split_sizes=list(recv_sizes), input_split_sizes=list(send_sizes), group=group.pg)
+    return out
+
+
+def broadcast(x: torch.Tensor, group: CommGroup, src_group_rank: int = 0) -> torch.Tensor:
+    """Broadcast x in place from the group's rank src_group_rank."""
+    if not _whole(group):
+        dist.broadcast(x, src=group.ranks[src_group_rank], group=group.pg)
+    return x
+
+
+def send_recv(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> None:
+    """Batched point-to-point: post every isend/irecv (peers are global ranks) together, then wait for all."""
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def barrier(group: CommGroup) -> None:
+    """Wait until every rank of the group arrives."""
+    if not _whole(group):
+        dist.barrier(group=group.pg)

@@ -1,0 +1,114 @@
+"""Run a function on N local CPU ranks (gloo, forkserver processes, file store): tests and the CPU quick-start."""
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import multiprocessing as mp
+import os
+import queue
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+# Modules the forkserver imports once, so each rank starts in well under a second instead of re-importing torch.
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.tensor",
+           "torch.distributed.checkpoint", "megalysses.parallel.mesh"]
+
+
+class RankFailure(RuntimeError):
+    """A rank raised, or the ranks did not finish before the deadline; the message holds their tracebacks."""
+
+
+def _context() -> mp.context.BaseContext:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD + [m for m in os.environ.get("MEGALYSSES_PRELOAD", "").split(",") if m])
+    return ctx
+
+
+def _rank_main(fn, rank: int, world: int, store_path: str, dump_dir: str, timeout: float, results, args, kwargs):
+    """Body of one rank: set threads, arm the hang dump, join the process group, run fn, report."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dump = open(Path(dump_dir) / f"rank{rank}.stacks", "w")
+    faulthandler.dump_traceback_later(max(timeout - 2.0, 1.0), exit=False, file=dump)
+    try:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout + 30))
+        value = fn(rank, world, *args, **kwargs)
+        results.put(("ok", rank, value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0, **kwargs) -> list[Any]:
+    """Run fn(rank, world, *args, **kwargs) on `world` gloo ranks; returns the per-rank results in rank order.
+
+    A raising rank fails the call at once with its traceback; ranks still running after `timeout` seconds are
+    killed and the call fails with every rank's stack (a deadlock never hangs the caller). fn must be picklable
+    (a module-level function).
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by the forkserver when it starts; 1 thread per rank
+    ctx = _context()
+    with tempfile.TemporaryDirectory(prefix="megalysses-ranks-") as tmp:
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(fn, r, world, os.path.join(tmp, "store"), tmp, timeout, results, args, kwargs))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            return _collect(procs, results, world, timeout, tmp)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+
+
+def _collect(procs, results, world: int, timeout: float, tmp: str) -> list[Any]:
+    values: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(values) < world:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            time.sleep(2.5)  # let the ranks' own hang dumps land
+            stacks = "\n".join(f"--- rank {r} ---\n{_read(Path(tmp) / f'rank{r}.stacks')}"
+                               for r in range(world) if r not in values)
+            raise RankFailure(f"ranks {sorted(set(range(world)) - set(values))} did not finish within {timeout:.0f} s "
+                              f"(deadlock?). Their stacks:\n{stacks}")
+        try:
+            status, rank, value = results.get(timeout=min(remaining, 0.5))
+        except queue.Empty:
+            dead = [i for i, p in enumerate(procs) if i not in values and not p.is_alive() and p.exitcode not in (0, None)]
+            if dead:
+                raise RankFailure(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before reporting")
+            continue
+        if status == "error":
+            raise RankFailure(f"rank {rank} of {world} raised:\n{value}")
+        values[rank] = value
+    return [values[r] for r in range(world)]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text() or "(no dump)"
+    except OSError:
+        return "(no dump)"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("megalysses.parallel.launch is a library: call run_ranks(fn, world)")

@@ -1,0 +1,137 @@
+"""ParallelMesh: the 4D (pp, dp, sp, tp) device mesh, built once from a layout and passed to whoever needs it."""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch.distributed as dist
+
+from .collectives import CommGroup
+from .layout import AXES, ParallelLayout
+
+
+def coords_of(rank: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major coordinates of a global rank in a mesh of the given shape (axis order pp, dp, sp, tp)."""
+    out = []
+    for size in reversed(shape):
+        out.append(rank % size)
+        rank //= size
+    return tuple(reversed(out))
+
+
+def rank_of(coords: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """Global rank at the given coordinates (inverse of coords_of)."""
+    rank = 0
+    for c, size in zip(coords, shape):
+        rank = rank * size + c
+    return rank
+
+
+def group_members(shape: tuple[int, ...], axes: tuple[str, ...]) -> list[list[int]]:
+    """Every group that varies over `axes` with the other coordinates fixed, as lists of global ranks."""
+    varying = [AXES.index(a) for a in axes]
+    fixed = [i for i in range(len(shape)) if i not in varying]
+    groups = []
+    for fixed_coords in itertools.product(*(range(shape[i]) for i in fixed)):
+        members = []
+        for var_coords in itertools.product(*(range(shape[i]) for i in varying)):
+            c = [0] * len(shape)
+            for i, v in zip(fixed, fixed_coords):
+                c[i] = v
+            for i, v in zip(varying, var_coords):
+                c[i] = v
+            members.append(rank_of(tuple(c), shape))
+        groups.append(sorted(members))
+    return groups
+
+
+class ParallelMesh:
+    """Groups, coordinates and pipeline neighbours of this rank; no module state, so several meshes may coexist."""
+
+    # combined groups every mesh builds: gradient/loss reduction over dp x sp; tp x sp for head-sharded state
+    COMBINED = (("dp", "sp"), ("sp", "tp"))
+
+    def __init__(self, layout: ParallelLayout, device_type: str = "cpu"):
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelMesh needs torch.distributed initialised (torchrun, or the test harness); "
+                               "use ParallelMesh.single_device() for one process without it")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        self.layout = layout.resolve(world)
+        self.shape = self.layout.shape
+        self.global_rank = dist.get_rank()
+        self.device_type = device_type
+        self.device_mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+        self.coords = dict(zip(AXES, coords_of(self.global_rank, self.shape)))
+        self._groups: dict[tuple[str, ...], CommGroup] = {}
+        for axis in AXES:
+            pg = self.device_mesh.get_group(axis)
+            ranks = tuple(dist.get_process_group_ranks(pg))
+            self._groups[(axis,)] = CommGroup(pg, ranks, ranks.index(self.global_rank))
+        for axes in self.COMBINED:
+            self._groups[axes] = self._new_combined_group(axes)
+
+    def _new_combined_group(self, axes: tuple[str, ...]) -> CommGroup:
+        members = group_members(self.shape, axes)
+        pg, _ = dist.new_subgroups_by_enumeration(members)
+        mine = next(tuple(m) for m in members if self.global_rank in m)
+        return CommGroup(pg, mine, mine.index(self.global_rank))
+
+    @classmethod
+    def single_device(cls, device_type: str = "cpu") -> "ParallelMesh":
+        """A mesh of one process: every axis has size 1 and every collective is a no-op (no torch.distributed)."""
+        self = cls.__new__(cls)
+        self.layout = ParallelLayout().resolve(1)
+        self.shape = (1, 1, 1, 1)
+        self.global_rank = 0
+        self.device_type = device_type
+        self.device_mesh = None
+        self.coords = dict.fromkeys(AXES, 0)
+        self._groups = {axes: CommGroup.solo() for axes in [(a,) for a in AXES] + list(self.COMBINED)}
+        return self
+
+    def group(self, *axes: str) -> CommGroup:
+        """The group of ranks that differ only along `axes` (e.g. group('tp'), group('dp', 'sp'))."""
+        key = tuple(a for a in AXES if a in axes)
+        if len(key) != len(axes) or not key:
+            raise KeyError(f"unknown mesh axes {axes}: choose from {AXES}")
+        if key not in self._groups:
+            raise KeyError(f"no combined group over {key}: built ones are {list(self._groups)}")
+        return self._groups[key]
+
+    def rank(self, axis: str) -> int:
+        """This process's coordinate along an axis."""
+        return self.coords[axis]
+
+    def size(self, axis: str) -> int:
+        """The degree of an axis."""
+        return self.shape[AXES.index(axis)]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coords["pp"] == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coords["pp"] == self.size("pp") - 1
+
+    def stage_neighbour(self, offset: int) -> Optional[int]:
+        """Global rank of the pipeline stage `offset` away (same dp, sp, tp coordinates), or None past either end."""
+        stage = self.coords["pp"] + offset
+        if not 0 <= stage < self.size("pp"):
+            return None
+        c = tuple(stage if a == "pp" else self.coords[a] for a in AXES)
+        return rank_of(c, self.shape)
+
+    @property
+    def prev_stage(self) -> Optional[int]:
+        return self.stage_neighbour(-1)
+
+    @property
+    def next_stage(self) -> Optional[int]:
+        return self.stage_neighbour(+1)
+
+    def __repr__(self) -> str:
+        c = ", ".join(f"{a}={self.coords[a]}/{self.size(a)}" for a in AXES)
+        return f"ParallelMesh(rank {self.global_rank}: {c})"

@@ -83,11 +83,19 @@ def all_to_all(x: torch.Tensor, group: CommGroup, scatter_dim: int, gather_dim: 
     if x.shape[scatter_dim] % p:
         raise ValueError(f"all_to_all: size {x.shape[scatter_dim]} of dim {scatter_dim} is not divisible by group size {p}")
     # (..., p * c, ...) -> (p, ..., c, ...): chunk i is contiguous at the front for all_to_all_single
-    send = torch.stack(x.chunk(p, dim=scatter_dim), dim=0).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.pg)
+    recv = all_to_all_stacked(torch.stack(x.chunk(p, dim=scatter_dim), dim=0), group)
     # recv[i] came from rank i: it is the i-th piece along gather_dim
     return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def all_to_all_stacked(send: torch.Tensor, group: CommGroup) -> torch.Tensor:
+    """send: (p, ...) with send[i] for rank i; returns recv (p, ...) with recv[i] from rank i."""
+    if _whole(group):
+        return send
+    send = send.contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.pg)
+    return recv
 
 
 def all_to_all_uneven(x: torch.Tensor, group: CommGroup, send_sizes: Sequence[int], recv_sizes: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,507 @@
+"""Run configuration: typed dataclasses loaded from YAML (model, layout and run files) with dotted overrides.
+
+A run file has six sections: ``model``, ``layout``, ``train``, ``data``, ``checkpoint``, ``logging``. ``model`` and
+``layout`` may be inline mappings or the name of another YAML file (``model: tiny`` means the bundled
+``configs/models/tiny.yaml``), so changing the layout never touches the model file. Every key is checked against
+the dataclass type hints: unknown keys name their dotted path and the nearest valid key, wrong types name the
+expected type and the value received. Overrides ``section.key=value`` are applied before validation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from megalysses.models.config import GPTConfig
+from megalysses.parallel.layout import LayoutError, ParallelLayout
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The bundled configs (``scripts/configs`` links here): ``models/``, ``layouts/``, ``runs/``."""
+REFERENCE_DIRS = {"model": "models", "layout": "layouts"}
+"""Run-file sections that may name another YAML file, and the folder such files live in."""
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message starts with the file (or override) and the dotted key."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop: batch sizes, learning-rate schedule, AdamW, precision and stopping rules."""
+
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (= micro_batch_size * grad accumulation * dp)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one rank."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    steps: int = 100
+    """Optimizer steps to train for."""
+    lr: float = 3e-3
+    """Peak learning rate (reached at the end of warmup)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay (cosine and wsd schedules)."""
+    warmup_steps: int = 10
+    """Steps of linear warmup from 0 to lr."""
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: 'cosine' decays to min_lr, 'wsd' holds lr then decays over decay_fraction, 'constant' holds lr."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of the steps (at the end) spent decaying from lr to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (applied to matrices, not to norms or biases)."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
+    adam_beta2: float = 0.95
+    """AdamW second-moment decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 1234
+    """Seed for parameter initialisation and everything random in the loop."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the forward/backward pass; master weights and optimizer state stay float32."""
+    eval_every: int = 50
+    """Steps between validation runs; 0 disables validation."""
+    eval_steps: int = 4
+    """Batches per validation run."""
+    max_bad_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped) before training stops."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where to train: 'cpu' (gloo) or 'cuda' (NCCL, one GPU per rank)."""
+    nproc: int = 4
+    """Local CPU ranks the CPU launcher spawns when not started under torchrun."""
+
+    def __post_init__(self):
+        for name in ("global_batch_size", "micro_batch_size", "seq_len", "steps", "eval_steps", "max_bad_steps",
+                     "nproc"):
+            _require(getattr(self, name) >= 1, f"train.{name} = {getattr(self, name)}: must be >= 1")
+        for name in ("warmup_steps", "eval_every", "lr", "min_lr", "weight_decay", "grad_clip", "adam_eps"):
+            _require(getattr(self, name) >= 0, f"train.{name} = {getattr(self, name)}: must be >= 0")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of train.micro_batch_size = "
+                 f"{self.micro_batch_size}")
+        _require(0.0 <= self.decay_fraction <= 1.0, f"train.decay_fraction = {self.decay_fraction}: must be in [0, 1]")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"train.{name} = {getattr(self, name)}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from and how they are split."""
+
+    source: str = "builtin"
+    """'builtin' (the small text shipped in megalysses/data/) or a path to a text file or folder."""
+    tokenizer: str = "byte"
+    """'byte' (raw UTF-8 bytes, 256 ids) or a path to a Hugging Face tokenizer.json."""
+    val_fraction: float = 0.1
+    """Fraction of the tokens held out for validation."""
+    seed: int = 1234
+    """Seed for shuffling and the train/validation split (independent of train.seed)."""
+
+    def __post_init__(self):
+        _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction = {self.val_fraction}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When and where checkpoints are written, and what to resume from."""
+
+    dir: Optional[str] = None
+    """Checkpoint folder; None means <logging.run_dir>/checkpoints."""
+    every: int = 0
+    """Steps between checkpoints; 0 writes only the final one."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted); 0 keeps all."""
+    resume: str = "auto"
+    """'auto' (latest checkpoint in dir, if any), 'never', or the path of a checkpoint to resume from."""
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"checkpoint.every = {self.every}: must be >= 0")
+        _require(self.keep_last >= 0, f"checkpoint.keep_last = {self.keep_last}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go: the run directory (always), Weights & Biases and TensorBoard (optional)."""
+
+    run_dir: str = "runs/default"
+    """Folder for the resolved config.yaml, metrics.jsonl and (by default) checkpoints."""
+    interval: int = 10
+    """Steps between metric log lines (loss, lr, throughput, MFU, memory)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb extra)."""
+    wandb_project: str = "megalysses"
+    """Weights & Biases project name."""
+    wandb_mode: Literal["offline", "online", "auto"] = "offline"
+    """'offline' writes locally, 'online' syncs, 'auto' syncs when an API key is configured."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files into run_dir."""
+
+    def __post_init__(self):
+        _require(self.interval >= 1, f"logging.interval = {self.interval}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs: model geometry, parallel layout, loop, data, checkpoints, logging."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """Model geometry (inline, or the name of a file in configs/models/)."""
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
+    """Parallel degrees (inline, or the name of a file in configs/layouts/)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Token source and split."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric sinks."""
+
+    def check(self, world_size: Optional[int] = None) -> ParallelLayout:
+        """Cross-check the sections (layout vs model and seq_len, batch vs dp); returns the layout, dp resolved if
+        world_size is given. Not run at load time, so a layout can be edited before the model is chosen."""
+        m, t = self.model, self.train
+        try:
+            self.layout.check_model(heads=m.num_heads, kv_heads=m.num_kv_heads, layers=m.num_layers, seq_len=t.seq_len)
+            layout = self.layout.resolve(world_size) if world_size is not None else self.layout
+        except LayoutError as e:
+            raise ConfigError(f"layout vs model: {e}") from e
+        _require(t.seq_len <= m.max_seq_len,
+                 f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
+        if layout.dp is not None and t.global_batch_size % (t.micro_batch_size * layout.dp):
+            raise ConfigError(
+                f"train.global_batch_size = {t.global_batch_size} is not a multiple of train.micro_batch_size * dp = "
+                f"{t.micro_batch_size} * {layout.dp}; set train.global_batch_size="
+                f"{-(-t.global_batch_size // (t.micro_batch_size * layout.dp)) * t.micro_batch_size * layout.dp}")
+        return layout
+
+
+# ------------------------------------------------------------------------------------ dicts -> dataclasses
+
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # YAML 1.1 reads '3e-4' as a string
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict[str, Any]:
+    """Type hints of the constructor fields of a dataclass, in declaration order."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path}: {key}" if key else path
+
+
+def _unknown_key(path: str, dotted: str, name: Any, valid: Sequence[str]) -> ConfigError:
+    near = difflib.get_close_matches(str(name), list(valid), n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"{path}: {dotted}: unknown key {str(name)!r}; {hint}")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if tp is bool:
+        return "bool (true or false)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _wrong_type(tp: Any, value: Any, path: str, key: str) -> ConfigError:
+    shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+    return ConfigError(f"{_where(path, key)}: expected {_type_name(tp)}, got {shown}")
+
+
+def _optional_inner(tp: Any) -> Any:
+    """X for Optional[X], else tp itself."""
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _convert(tp: Any, value: Any, path: str, key: str) -> Any:
+    """Check value against the type hint tp (and convert: int -> float, mapping -> dataclass)."""
+    origin = get_origin(tp)
+    if origin is Union:
+        if value is None and type(None) in get_args(tp):
+            return None
+        inner = _optional_inner(tp)
+        if inner is tp:
+            raise TypeError(f"unsupported config type {tp} at {key}")
+        try:
+            return _convert(inner, value, path, key)
+        except ConfigError as e:
+            if isinstance(value, (dict, list)):
+                raise  # an error inside the mapping or list: keep its precise message
+            raise _wrong_type(tp, value, path, key) from e
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, key)
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in get_args(tp)):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = get_args(tp) or (Any,)
+            return [_convert(item, v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp} at {key}")
+    raise _wrong_type(tp, value, path, key)
+
+
+def _build(cls, data: Any, path: str, key: str, origins: Optional[dict[str, str]] = None):
+    if isinstance(data, cls):
+        return data
+    if data is None:  # an empty section (`train:`) means all defaults
+        data = {}
+    if not isinstance(data, dict):
+        raise _wrong_type(cls, data, path, key)
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        sub = _join(key, name)
+        if name not in hints:
+            raise _unknown_key(path, sub, name, list(hints))
+        kwargs[name] = _convert(hints[name], value, (origins or {}).get(name, path), sub)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{_where(path, key)}: missing required key(s): {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # LayoutError, ModelConfigError, ConfigError raised by __post_init__
+        raise ConfigError(f"{_where(path, key)}: {e}") from e
+
+
+def from_dict(cls, data: dict, path: str = "<dict>", key: str = ""):
+    """Build dataclass cls (and nested dataclasses) from a plain dict, type-checked against its type hints.
+
+    path names where the dict came from (a file); key is the dotted prefix of data inside it ('' at top level).
+    Raises ConfigError naming path, the dotted key and what is wrong.
+    """
+    return _build(cls, data, path, key)
+
+
+def to_dict(cfg) -> dict:
+    """A config dataclass as nested plain dicts/lists (what from_dict takes back)."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- YAML files
+
+
+def _read_yaml(path: Path | str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _reference_candidates(name: str, kind_dir: str, bases: Sequence[Path]) -> list[Path]:
+    """Files a reference like 'tiny' or 'layouts/sp4.yaml' may mean, in search order."""
+    names = [name] if name.endswith((".yaml", ".yml")) else [name, name + ".yaml"]
+    dirs: list[Path] = []
+    for base in bases:
+        dirs.append(base)
+        if base.name == "runs":  # a runs/ folder next to models/ and layouts/, like the bundled one
+            dirs.append(base.parent / kind_dir)
+    dirs += [CONFIG_DIR, CONFIG_DIR / kind_dir]
+    out: list[Path] = []
+    for d in dirs:
+        for n in names:
+            candidate = d / n
+            if candidate not in out:
+                out.append(candidate)
+    return out
+
+
+def bundled(kind: str) -> list[str]:
+    """Names of the bundled configs of a kind ('models', 'layouts' or 'runs')."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def _load_reference(section: str, name: str, bases: Sequence[Path], where: str) -> tuple[dict, str]:
+    """Read the model/layout file that name refers to; returns its dict and its path."""
+    kind_dir = REFERENCE_DIRS[section]
+    tried = _reference_candidates(name, kind_dir, bases)
+    for candidate in tried:
+        if candidate.is_file():
+            return _read_yaml(candidate), str(candidate)
+    names = bundled(kind_dir)
+    near = difflib.get_close_matches(Path(name).stem if name.endswith((".yaml", ".yml")) else name, names, n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise ConfigError(f"{where}: {section} file {name!r} not found; tried {', '.join(map(str, tried))}; "
+                      f"{hint}bundled {kind_dir}: {', '.join(names)}")
+
+
+def _load_single(section: str, cls, path: Path | str):
+    where = str(path)
+    if Path(path).is_file():
+        data, source = _read_yaml(path), where
+    else:
+        data, source = _load_reference(section, str(path), [Path.cwd()], where)
+    return from_dict(cls, data, source, section)
+
+
+def load_model_config(path: Path | str) -> GPTConfig:
+    """A model file (or a bundled name like 'tiny') as a GPTConfig."""
+    return _load_single("model", GPTConfig, path)
+
+
+def load_layout(path: Path | str) -> ParallelLayout:
+    """A layout file (or a bundled name like 'tp2-sp2') as a ParallelLayout."""
+    return _load_single("layout", ParallelLayout, path)
+
+
+# ---------------------------------------------------------------------------------------------- run files
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], '3e-4'); the value is parsed with yaml.safe_load."""
+    key, sep, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.lr=3e-4 or layout=sp4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {e}") from e
+    return keys, value
+
+
+class _RunSections:
+    """The raw sections of a run file while overrides are applied: dicts plus which file each came from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = dict(_read_yaml(path))
+        self.origins: dict[str, str] = {}
+
+    def section(self, name: str, where: str) -> dict:
+        """The section as a mutable dict, reading a referenced file first."""
+        value = self.data.get(name)
+        if isinstance(value, str) and name in REFERENCE_DIRS:
+            value, self.origins[name] = _load_reference(name, value, [self.path.parent], where)
+        elif value is None:
+            value = {}
+        elif not isinstance(value, dict):
+            raise _wrong_type(_hints(RunConfig)[name], value, self.origins.get(name, str(self.path)), name)
+        self.data[name] = value
+        return value
+
+    def apply(self, text: str) -> None:
+        keys, value = parse_override(text)
+        source = f"override {text!r}"
+        hint, cls = None, RunConfig
+        for i, name in enumerate(keys):  # check the keys (and the value's type) before touching anything
+            hints = _hints(cls)
+            if name not in hints:
+                raise _unknown_key(source, ".".join(keys[:i + 1]), name, list(hints))
+            hint, cls = hints[name], _optional_inner(hints[name])
+            if i < len(keys) - 1 and not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])} is {_type_name(hint)}, not a section "
+                                  f"with a key {keys[i + 1]!r}")
+        top = keys[0]
+        if len(keys) == 1 and isinstance(value, str) and top in REFERENCE_DIRS:
+            self.data[top], origin = _load_reference(top, value, [Path.cwd(), self.path.parent], source)
+            self.origins[top] = f"{origin} (from {source})"
+            return
+        _convert(hint, value, source, ".".join(keys))
+        if len(keys) == 1:
+            self.data[top], self.origins[top] = value, source
+            return
+        node = self.section(top, source)
+        for name in keys[1:-1]:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[keys[-1]] = value
+        self.origins[top] = f"{self.origins.get(top, str(self.path))} (with overrides)"
+
+    def build(self) -> RunConfig:
+        for name in REFERENCE_DIRS:
+            if isinstance(self.data.get(name), str):
+                self.section(name, f"{self.path}: {name}")
+        return _build(RunConfig, self.data, str(self.path), "", self.origins)
+
+
+def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run file plus dotted overrides ('train.lr=3e-4', 'layout.sp=4', 'layout=sp4') as a RunConfig.
+
+    A bare name like 'quickstart' is looked up in the bundled configs/runs/ when no such file exists.
+    """
+    path = Path(path)
+    if not path.is_file() and not path.suffix and (CONFIG_DIR / "runs" / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / "runs" / f"{path}.yaml"
+    sections = _RunSections(path)
+    for text in overrides:
+        sections.apply(text)
+    return sections.build()
+
+
+def save_resolved(cfg: RunConfig, run_dir: Path | str) -> Path:
+    """Write the fully resolved config to <run_dir>/config.yaml (atomically); load_run_config reads it back."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    text = "# Resolved run config (megalysses); reload with megalysses.config.load_run_config.\n"
+    text += yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    tmp = out.with_name(f".config.yaml.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,138 @@
+"""GPT (Llama family): embedding, N pre-norm blocks (RoPE GQA attention, SwiGLU MLP), final norm, LM head.
+
+Read it as a single-device model: the spec supplies tensor-parallel layers, and the only sequence-parallel step
+is `ulysses_attention` around the attention core, which is the identity when sp = 1.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalysses.parallel.mesh import ParallelMesh
+from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
+from megalysses.parallel.tensor import shard, vocab_parallel_cross_entropy, vocab_parallel_logits
+
+from .attention import Documents, attention_core
+from .config import GPTConfig
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .spec import TORCH_SPEC, LayerSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh):
+        super().__init__()
+        tp = mesh.size("tp")
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
+        self.sp_group = mesh.group("sp")
+        self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh)
+        self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
+        self.core = attention_core(cfg.attention_core)
+
+    def forward(self, x, cos, sin, docs):
+        b, s = x.shape[0], cos.shape[1]  # s: this SP rank's tokens (the qkv layer gathers a TP-sharded sequence)
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = apply_rope(q.view(b, s, self.heads, self.head_dim), cos, sin)  # (b, s/sp, h/tp, hd)
+        k = apply_rope(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(b, s, self.kv_heads, self.head_dim)
+        o = ulysses_attention(self.core, q, k, v, self.sp_group, docs=docs)  # (b, s/sp, h/tp, hd)
+        return self.out(o.flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh):
+        super().__init__()
+        self.gate_up = spec.gate_up(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), False, mesh)
+        self.down = spec.down(cfg.intermediate_size, cfg.hidden_size, False, mesh)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (b, s, f/tp) each
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh):
+        super().__init__()
+        self.attn_norm = spec.attn_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
+        self.attn = Attention(cfg, spec, mesh)
+        self.mlp_norm = spec.mlp_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
+        self.mlp = MLP(cfg, spec, mesh)
+
+    def forward(self, x, cos, sin, docs):
+        x = x + self.attn(self.attn_norm(x), cos, sin, docs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """A Llama-family decoder on a mesh; with `layer_ids` / `pre_process` / `post_process` it is one pipeline stage."""
+
+    def __init__(self, cfg: GPTConfig, mesh: Optional[ParallelMesh] = None, spec: LayerSpec = TORCH_SPEC,
+                 layer_ids: Optional[Sequence[int]] = None, pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.mesh = mesh or ParallelMesh.single_device()
+        self.mesh.layout.check_model(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layers=cfg.num_layers)
+        self.tp_group, self.sp_group = self.mesh.group("tp"), self.mesh.group("sp")
+        self.pre_process, self.post_process = pre_process, post_process
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        if pre_process or (post_process and cfg.tie_embeddings):
+            self.embed = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, spec, self.mesh) for i in layer_ids})  # global layer ids
+        if post_process:
+            self.norm = spec.final_norm(cfg.hidden_size, cfg.rms_norm_eps, self.mesh)
+            if not cfg.tie_embeddings:
+                self.head = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)  # same vocab sharding
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    def default_positions(self, b: int, s_local: int, device) -> torch.Tensor:
+        """Global positions of this SP rank's chunk when the caller gives none: (b, s/sp)."""
+        start = self.mesh.rank("sp") * s_local
+        return torch.arange(start, start + s_local, device=device).expand(b, s_local)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(b, s/sp) token ids and global positions of this SP rank -> per-token loss (b, s/sp) if labels are
+        given, else vocab-sharded logits (b, s/sp, padded vocab / tp). A later pipeline stage passes `hidden`."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = self.default_positions(b, s, input_ids.device)
+        docs = Documents.from_positions(gather_sequence_ids(position_ids, self.sp_group))  # whole sequence
+        x = self.embed(input_ids) if self.pre_process else hidden  # (b, s/sp, d) [/tp with sequence_parallel]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        for block in self.blocks.values():
+            x = block(x, cos, sin, docs)
+        if not self.post_process:
+            return x
+        x = self.norm(x)
+        head = self.embed if self.cfg.tie_embeddings else self.head
+        logits = vocab_parallel_logits(x, head.weight, self.tp_group, self.mesh.layout.sequence_parallel)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.tp_group)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter from its own seeded full tensor, then keep this rank's shard: any layout
+        built from the same seed holds exactly the single-device weights."""
+        tp = self.tp_group
+        for name, p in self.named_parameters():
+            p.copy_(shard(full_init(name, p.full_shape, self.cfg, seed), p.shard_spec, tp.rank, tp.size))
+
+
+def full_init(name: str, shape, cfg: GPTConfig, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of a parameter: norms 1, biases 0, weights N(0, std), residual
+    projections scaled by 1/sqrt(2L); drawn from a generator seeded by (seed, name)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = cfg.init_std
+    if name.endswith(("attn.out.weight", "mlp.down.weight")):
+        std /= (2 * cfg.num_layers) ** 0.5
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen) * std

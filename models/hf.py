@@ -1,0 +1,265 @@
+"""Hugging Face adapters (Llama, Mistral, Qwen2): config.json <-> GPTConfig, and state dicts streamed name by name.
+
+RoPE layout: our `apply_rope` uses the half-split (`rotate_half`) convention, the same as transformers, so HF
+q_proj / k_proj weights are used as they are. Only Meta's original checkpoints (`consolidated.*.pth`) rotate
+interleaved pairs and need `permute_for_rope` (Meta -> HF/ours) first; `unpermute` goes back.
+
+Fusions: our `attn.qkv` is [q; k; v] stacked on the output rows, our `mlp.gate_up` is [gate; up].
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Container, Iterator, Mapping, Optional
+
+import torch
+
+from megalysses.parallel.tensor import shard
+
+from .config import GPTConfig, RopeScaling
+from .gpt import GPT
+
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+"""Supported HF model_type -> its architecture class name."""
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Optional[RopeScaling]]:
+    """(rope_theta, scaling) from the transformers-5 `rope_parameters` dict or the older top-level
+    `rope_theta` + `rope_scaling` pair."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+        params = params["full_attention"]  # per-layer-type form; all our layers are full attention
+    if not params:
+        params = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported (full rotary only)")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: 'default', 'llama3'")
+    values = {k: params.get(k) for k in _LLAMA3_KEYS}
+    if values["original_max_position_embeddings"] is None:  # HF falls back to max_position_embeddings too
+        values["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ValueError(f"llama3 RoPE scaling is missing {missing}")
+    return float(theta), RopeScaling(factor=float(values["factor"]), low_freq_factor=float(values["low_freq_factor"]),
+                                     high_freq_factor=float(values["high_freq_factor"]),
+                                     original_max_position_embeddings=int(values["original_max_position_embeddings"]))
+
+
+def _check_supported_features(hf: Mapping[str, Any], family: str) -> None:
+    """Reject HF options our model does not implement, naming the option and its value."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    if family == "llama" and hf.get("attention_bias", False):
+        raise ValueError("llama attention_bias=True is not supported: it also puts a bias on o_proj, which our "
+                         "attention output projection does not have")
+    if hf.get("mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported (the MLP projections have no bias)")
+    if family == "qwen2" and hf.get("use_sliding_window", False):
+        raise ValueError(f"qwen2 use_sliding_window=True (sliding_window {hf.get('sliding_window')}) is not "
+                         "supported: sliding-window attention is not implemented")
+    if family == "mistral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"mistral sliding_window {hf['sliding_window']} is not supported: sliding-window attention "
+                         "is not implemented (only sliding_window null)")
+    other = sorted({t for t in hf.get("layer_types") or () if t != "full_attention"})
+    if other:
+        raise ValueError(f"layer_types {other} are not supported (full_attention only)")
+
+
+def gpt_config_from_hf(hf_config: Any, **overrides) -> GPTConfig:
+    """A GPTConfig from an HF config.json dict (or a transformers config object); `overrides` set fields that HF
+    does not describe (e.g. attention_core)."""
+    hf = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(FAMILIES)}")
+    _check_supported_features(hf, family)
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"{family} config is missing {missing}")
+    theta, scaling = _rope_from_hf(hf)
+    fields = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", GPTConfig.max_seq_len),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
+        init_std=hf.get("initializer_range", GPTConfig.init_std))
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def hf_config_from_gpt(cfg: GPTConfig, family: str) -> dict:
+    """An HF config.json dict for `cfg` as a `family` model (`LlamaConfig(**d)`, `AutoConfig.for_model(**d)`).
+
+    RoPE is written in both the transformers-5 form (`rope_parameters`) and the older one (`rope_theta` +
+    `rope_scaling`), so either generation of transformers reads it."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r} is not supported; supported: {sorted(FAMILIES)}")
+    if cfg.qkv_bias != (family == "qwen2"):
+        raise ValueError(f"qkv_bias={cfg.qkv_bias} cannot be expressed as a {family} model: qwen2 always has a "
+                         "q/k/v bias, llama and mistral have none (llama's attention_bias also biases o_proj)")
+    scaling = None
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_position_embeddings}
+    rope_parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta}
+    d = {
+        "architectures": [FAMILIES[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": rope_parameters, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+        "attention_dropout": 0.0, "dtype": "float32", "torch_dtype": "float32",
+    }
+    if family == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    elif family == "mistral":
+        d.update(sliding_window=None)
+    else:
+        d.update(use_sliding_window=False, sliding_window=None)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------ state dicts
+
+def _layout(cfg: GPTConfig) -> Iterator[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+    """(our name, [(HF name, HF shape), ...]) for every tensor; several HF parts are stacked on dim 0 in ours."""
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    yield "embed.weight", [("model.embed_tokens.weight", (cfg.vocab_size, d))]
+    for i in range(cfg.num_layers):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        attn = hf + "self_attn."
+        yield ours + "attn_norm.weight", [(hf + "input_layernorm.weight", (d,))]
+        yield ours + "attn.qkv.weight", [(attn + "q_proj.weight", (q, d)), (attn + "k_proj.weight", (kv, d)),
+                                         (attn + "v_proj.weight", (kv, d))]
+        if cfg.qkv_bias:
+            yield ours + "attn.qkv.bias", [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
+                                           (attn + "v_proj.bias", (kv,))]
+        yield ours + "attn.out.weight", [(attn + "o_proj.weight", (d, q))]
+        yield ours + "mlp_norm.weight", [(hf + "post_attention_layernorm.weight", (d,))]
+        yield ours + "mlp.gate_up.weight", [(hf + "mlp.gate_proj.weight", (f, d)), (hf + "mlp.up_proj.weight", (f, d))]
+        yield ours + "mlp.down.weight", [(hf + "mlp.down_proj.weight", (d, f))]
+    yield "norm.weight", [("model.norm.weight", (d,))]
+    if not cfg.tie_embeddings:
+        yield "head.weight", [("lm_head.weight", (cfg.vocab_size, d))]
+
+
+def _stacked_shape(parts: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+    return (sum(shape[0] for _, shape in parts),) + parts[0][1][1:]
+
+
+def hf_names(cfg: GPTConfig) -> list[str]:
+    """HF tensor names a checkpoint of `cfg` holds (no `lm_head.weight` when the embeddings are tied)."""
+    return [name for _, parts in _layout(cfg) for name, _ in parts]
+
+
+def our_names(cfg: GPTConfig) -> list[str]:
+    """Our full (unsharded) parameter names for `cfg`."""
+    return [name for name, _ in _layout(cfg)]
+
+
+def _fetch(get: Callable[[str], torch.Tensor], name: str, shape: tuple[int, ...], source: str) -> torch.Tensor:
+    try:
+        t = get(name)
+    except KeyError:
+        raise KeyError(f"{source} state dict is missing tensor {name!r} (expected shape {shape})") from None
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{source} tensor {name!r} has the wrong shape: expected {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def hf_to_ours(get_hf: Callable[[str], torch.Tensor], cfg: GPTConfig,
+               only: Optional[Container[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (our name, full tensor) from an HF getter (`state.__getitem__`, safetensors `get_tensor`), fusing
+    q,k,v and gate,up; with `only`, HF tensors behind other names are never read."""
+    for ours, parts in _layout(cfg):
+        if only is not None and ours not in only:
+            continue
+        tensors = [_fetch(get_hf, name, shape, "HF") for name, shape in parts]
+        yield ours, tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+
+
+def ours_to_hf(get_ours: Callable[[str], torch.Tensor], cfg: GPTConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (HF name, tensor) from a getter of our full tensors, splitting qkv and gate_up (the split parts are
+    copies, so safetensors never sees shared storage)."""
+    for ours, parts in _layout(cfg):
+        t = _fetch(get_ours, ours, _stacked_shape(parts), "our")
+        if len(parts) == 1:
+            yield parts[0][0], t
+            continue
+        for (name, _), piece in zip(parts, t.split([shape[0] for _, shape in parts], dim=0)):
+            yield name, piece.clone()
+
+
+# -------------------------------------------------------------------------------------------- Meta RoPE layout
+
+def permute_for_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved-pair q/k rows (per head: re0, im0, re1, im1, ...) -> the half-split HF/our layout
+    (per head: re0, re1, ..., im0, im1, ...). Works on weights (rows, in) and biases (rows,)."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_for_rope`: HF/our half-split q/k rows -> Meta's interleaved pairs."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ------------------------------------------------------------------------------------------------- convenience
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # persistent buffers of old checkpoints; recomputed from the config
+
+
+@torch.no_grad()
+def load_hf_state_dict_into(model: GPT, hf_state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy an HF state dict into `model` (single device, TP-sharded, or one pipeline stage): each parameter the
+    model holds gets its shard of the converted full tensor. `strict` rejects HF tensors we would drop."""
+    cfg = model.cfg
+    if strict:
+        known = set(hf_names(cfg)) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        unexpected = sorted(k for k in hf_state if k not in known and not k.endswith(_IGNORED_SUFFIXES))
+        if unexpected:
+            raise ValueError(f"HF state dict has tensors this {type(model).__name__} has no place for: "
+                             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    params = dict(model.named_parameters())
+    tp = model.tp_group
+    loaded = set()
+    for name, full in hf_to_ours(hf_state.__getitem__, cfg, only=params):
+        p = params[name]
+        if tuple(full.shape) != tuple(p.full_shape):
+            raise ValueError(f"parameter {name!r}: expected full shape {tuple(p.full_shape)}, got {tuple(full.shape)}")
+        p.copy_(shard(full, p.shard_spec, tp.rank, tp.size))
+        loaded.add(name)
+    left = sorted(set(params) - loaded)
+    if left:
+        raise KeyError(f"parameters not covered by the HF layout: {left}")
+
+
+@torch.no_grad()
+def gpt_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """The HF state dict of a single-device, whole (all layers) model; tensors that are not split alias the
+    model's parameters, like `state_dict()`."""
+    if model.tp_group.size != 1:
+        raise ValueError(f"gpt_state_to_hf needs a single-device model, got tp={model.tp_group.size}: gather the "
+                         "shards first (parallel.tensor.gather_full) and call ours_to_hf")
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    missing = [n for n in our_names(model.cfg) if n not in params]
+    if missing:
+        raise ValueError(f"gpt_state_to_hf needs the whole model; this one lacks {missing[:4]} (a pipeline stage?)")
+    return dict(ours_to_hf(params.__getitem__, model.cfg))

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("megalysses")
 
 
 @dataclass
@@ -18,6 +21,7 @@ class Documents:
 
     doc_ids: Optional[torch.Tensor]  # (b, s) int, or None
     _mask: Optional[torch.Tensor] = field(default=None, repr=False)
+    _cu: Optional[tuple[torch.Tensor, int]] = field(default=None, repr=False)
 
     @staticmethod
     def from_positions(position_ids: torch.Tensor) -> "Documents":
@@ -37,12 +41,15 @@ class Documents:
         return self._mask
 
     def cu_seqlens(self) -> tuple[torch.Tensor, int]:
-        """Cumulative document lengths over the flattened (b * s) tokens, and the longest document (varlen kernels)."""
-        b, s = self.doc_ids.shape
-        flat = (self.doc_ids + torch.arange(b, device=self.doc_ids.device).unsqueeze(1) * (s + 1)).reshape(-1)
-        lengths = torch.unique_consecutive(flat, return_counts=True)[1]
-        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-        return cu, int(lengths.max())
+        """Cumulative document lengths over the flattened (b * s) tokens, and the longest document (varlen kernels);
+        computed once per forward and shared by every layer."""
+        if self._cu is None:
+            b, s = self.doc_ids.shape
+            flat = (self.doc_ids + torch.arange(b, device=self.doc_ids.device).unsqueeze(1) * (s + 1)).reshape(-1)
+            lengths = torch.unique_consecutive(flat, return_counts=True)[1]
+            cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            self._cu = (cu, int(lengths.max()))
+        return self._cu
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Optional[Documents] = None,
@@ -57,11 +64,94 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Opti
     return out.transpose(1, 2)
 
 
-ATTENTION_CORES = {"sdpa": sdpa_attention}
+class FlashAttentionUnavailable(RuntimeError):
+    """flash-attn was requested where it is not installed or cannot run."""
+
+
+def find_flash_attn():
+    """(name, dense fn, varlen fn) of the installed flash-attn: flash-attn-4's CuTe interface (Hopper and newer)
+    or the classic flash-attn 2/3 functions; None when neither imports."""
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+        return "flash-attn-4", flash_attn_func, flash_attn_varlen_func
+    except (ImportError, OSError, RuntimeError):
+        pass
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+        return "flash-attn-2", flash_attn_func, flash_attn_varlen_func
+    except (ImportError, OSError, RuntimeError):
+        return None
+
+
+class FlashAttention:
+    """flash-attn on the head-sharded tensors: native (b, s, h, d) layout, GQA without repeating kv heads, and
+    packed documents through cu_seqlens (varlen)."""
+
+    def __init__(self, found):
+        self.name, self.dense, self.varlen = found
+
+    def __call__(self, q, k, v, docs: Optional[Documents] = None, scale: Optional[float] = None):
+        if docs is None or docs.doc_ids is None:
+            return _first(self.dense(q, k, v, softmax_scale=scale, causal=True))
+        b, s, h, d = q.shape
+        cu, longest = docs.cu_seqlens()
+        flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]  # documents back to back
+        out = self.varlen(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                          softmax_scale=scale, causal=True)
+        return _first(out).view(b, s, h, d)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out  # flash-attn-4 also returns the log-sum-exp
+
+
+def flash_core():
+    """The flash-attn core, or a clear error saying why it cannot run here."""
+    if not torch.cuda.is_available():
+        raise FlashAttentionUnavailable("attention_core 'flash' needs a CUDA GPU and none is visible; use 'sdpa'")
+    found = find_flash_attn()
+    if found is None:
+        raise FlashAttentionUnavailable(
+            "attention_core 'flash' needs flash-attn: `pip install flash-attn-4` (Hopper and newer) or "
+            "`pip install --no-build-isolation flash-attn` (flash-attn 2); or use 'sdpa' or 'auto'")
+    if found[0] == "flash-attn-4" and torch.cuda.get_device_capability()[0] < 9:
+        raise FlashAttentionUnavailable(f"flash-attn-4 needs compute capability 9.0 or newer (Hopper); this GPU has "
+                                        f"{torch.cuda.get_device_capability()}: use 'sdpa' or install flash-attn 2")
+    return FlashAttention(found)
+
+
+def choose_auto_core() -> tuple[str, str]:
+    """(core name, reason) for 'auto': flash-attn-4 on Hopper when installed (fastest measured), else SDPA."""
+    if not torch.cuda.is_available():
+        return "sdpa", "no CUDA device"
+    found = find_flash_attn()
+    if found is None:
+        return "sdpa", "flash-attn is not installed"
+    if found[0] == "flash-attn-4" and torch.cuda.get_device_capability()[0] >= 9:
+        return "flash", "flash-attn-4 on a Hopper-class GPU"
+    return "sdpa", f"{found[0]} is installed, but SDPA's cuDNN kernels are faster on this GPU"
+
+
+CORES = ("sdpa", "flash", "te", "auto")
+
+
+def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, scale: Optional[float] = None):
+    """The local attention core for a config name, built for `heads` / `kv_heads` per rank inside the Ulysses
+    head-sharded region. 'auto' logs which core runs and why."""
+    if name == "auto":
+        name, reason = choose_auto_core()
+        logger.info("attention core: %s (%s)", name, reason)
+    if name == "sdpa":
+        return sdpa_attention
+    if name == "flash":
+        return flash_core()
+    if name == "te":
+        from .te import TEAttentionCore
+
+        return TEAttentionCore(heads, kv_heads, head_dim, scale)
+    raise ValueError(f"attention_core = {name!r}: choose one of {', '.join(CORES)}")
 
 
 def attention_core(name: str):
-    """The attention function for a config name; unknown names list the available ones."""
-    if name not in ATTENTION_CORES:
-        raise ValueError(f"attention_core = {name!r} is not available here; choose one of {sorted(ATTENTION_CORES)}")
-    return ATTENTION_CORES[name]
+    """Deprecated shim: the core for a name with no head counts (sdpa / flash); use build_attention_core."""
+    return build_attention_core(name, 0, 0, 0)

@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses loaded from YAML (model, layout and run files) with dotted overrides.
 
-A run file has six sections: ``model``, ``layout``, ``train``, ``data``, ``checkpoint``, ``logging``. ``model`` and
-``layout`` may be inline mappings or the name of another YAML file (``model: tiny`` means the bundled
+A run file has seven sections: ``model``, ``layout``, ``memory``, ``train``, ``data``, ``checkpoint``, ``logging``.
+``model`` and ``layout`` may be inline mappings or the name of another YAML file (``model: tiny`` means the bundled
 ``configs/models/tiny.yaml``), so changing the layout never touches the model file. Every key is checked against
 the dataclass type hints: unknown keys name their dotted path and the nearest valid key, wrong types name the
 expected type and the value received. Overrides ``section.key=value`` are applied before validation.
@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 
-from megalysses.models.config import GPTConfig
+from megalysses.models.config import GPTConfig, MemoryConfig
 from megalysses.parallel.layout import LayoutError, ParallelLayout
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -165,6 +165,8 @@ class RunConfig:
     """Model geometry (inline, or the name of a file in configs/models/)."""
     layout: ParallelLayout = field(default_factory=ParallelLayout)
     """Parallel degrees (inline, or the name of a file in configs/layouts/)."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Activation-memory savers (recompute, host offload, tiled MLP and loss); pass it to GPT(..., memory=...)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimisation loop."""
     data: DataConfig = field(default_factory=DataConfig)

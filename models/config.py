@@ -1,8 +1,8 @@
-"""GPTConfig: the geometry and options of a Llama-family decoder."""
+"""GPTConfig: the geometry and options of a Llama-family decoder; MemoryConfig: how its activations are kept."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 class ModelConfigError(ValueError):
@@ -95,3 +95,37 @@ class GPTConfig:
         block = attn + 3 * d * f + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * block + emb + d
+
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Activation-memory savers for long sequences; each one leaves the loss and every gradient unchanged."""
+
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation checkpointing: 'full' keeps only each block's input and recomputes the block in backward;
+    'selective' recomputes only the attention core, inside the Ulysses head-sharded region, so the all-to-alls are
+    not re-run (it saves the core's output and softmax statistics, and the (s, s) scores where a core materialises
+    them); 'none' keeps everything."""
+    offload_activations: bool = False
+    """Move the inputs of every recomputed region (each block's input under 'full', the head-sharded q, k, v under
+    'selective') to pinned host memory until backward needs them; needs recompute != 'none'."""
+    mlp_tiles: int = 1
+    """Run the pre-MLP norm and the SwiGLU MLP over this many sequence tiles, each recomputed in backward, so only one
+    tile's (tile, intermediate_size / tp) activations exist at once; 1 = off."""
+    loss_tiles: int = 1
+    """Compute the LM-head logits and the vocab-parallel cross-entropy over this many sequence tiles, each recomputed
+    in backward, so the (s, vocab / tp) logits never exist at once; 1 = off. Applies when labels are given."""
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ModelConfigError(f"memory.recompute = {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+        for name in ("mlp_tiles", "loss_tiles"):
+            if getattr(self, name) < 1:
+                raise ModelConfigError(f"memory.{name} = {getattr(self, name)}: must be >= 1 (1 turns tiling off)")
+        if self.offload_activations and self.recompute == "none":
+            raise ModelConfigError("memory.offload_activations = true offloads the inputs of recomputed regions, and "
+                                   "memory.recompute = 'none' recomputes nothing: set memory.recompute to 'full' or "
+                                   "'selective'")

@@ -1,7 +1,8 @@
 """GPT (Llama family): embedding, N pre-norm blocks (RoPE GQA attention, SwiGLU MLP), final norm, LM head.
 
 Read it as a single-device model: the spec supplies tensor-parallel layers, and the only sequence-parallel step
-is `ulysses_attention` around the attention core, which is the identity when sp = 1.
+is `ulysses_attention` around the attention core, which is the identity when sp = 1. A MemoryConfig picks what is
+recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
 from megalysses.parallel.tensor import shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
 from .attention import Documents, attention_core
-from .config import GPTConfig
+from .config import GPTConfig, MemoryConfig
+from .memory import map_sequence_tiles, recompute, recomputed, tiled_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .spec import TORCH_SPEC, LayerSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh, memory: MemoryConfig = MemoryConfig()):
         super().__init__()
         tp = mesh.size("tp")
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
@@ -31,6 +33,8 @@ class Attention(nn.Module):
         self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh)
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
         self.core = attention_core(cfg.attention_core)
+        self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
+        self.offload = memory.offload_activations
 
     def forward(self, x, cos, sin, docs):
         b, s = x.shape[0], cos.shape[1]  # s: this SP rank's tokens (the qkv layer gathers a TP-sharded sequence)
@@ -39,7 +43,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(b, s, self.heads, self.head_dim), cos, sin)  # (b, s/sp, h/tp, hd)
         k = apply_rope(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(b, s, self.kv_heads, self.head_dim)
-        o = ulysses_attention(self.core, q, k, v, self.sp_group, docs=docs)  # (b, s/sp, h/tp, hd)
+        core = recomputed(self.core, self.offload) if self.recompute_core else self.core
+        o = ulysses_attention(core, q, k, v, self.sp_group, docs=docs)  # (b, s/sp, h/tp, hd)
         return self.out(o.flatten(2))
 
 
@@ -55,25 +60,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh, memory: MemoryConfig = MemoryConfig()):
         super().__init__()
         self.attn_norm = spec.attn_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
-        self.attn = Attention(cfg, spec, mesh)
+        self.attn = Attention(cfg, spec, mesh, memory)
         self.mlp_norm = spec.mlp_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
         self.mlp = MLP(cfg, spec, mesh)
+        self.mlp_tiles = memory.mlp_tiles
 
     def forward(self, x, cos, sin, docs):
         x = x + self.attn(self.attn_norm(x), cos, sin, docs)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + map_sequence_tiles(self.norm_mlp, self.mlp_tiles, x)  # token-wise: tiles over the sequence
+
+    def norm_mlp(self, x):
+        """Pre-MLP norm + SwiGLU MLP: token-wise, so it may run over sequence tiles."""
+        return self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
     """A Llama-family decoder on a mesh; with `layer_ids` / `pre_process` / `post_process` it is one pipeline stage."""
 
     def __init__(self, cfg: GPTConfig, mesh: Optional[ParallelMesh] = None, spec: LayerSpec = TORCH_SPEC,
-                 layer_ids: Optional[Sequence[int]] = None, pre_process: bool = True, post_process: bool = True):
+                 layer_ids: Optional[Sequence[int]] = None, pre_process: bool = True, post_process: bool = True,
+                 memory: MemoryConfig = MemoryConfig()):
         super().__init__()
-        self.cfg, self.spec = cfg, spec
+        self.cfg, self.spec, self.memory = cfg, spec, memory
         self.mesh = mesh or ParallelMesh.single_device()
         self.mesh.layout.check_model(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layers=cfg.num_layers)
         self.tp_group, self.sp_group = self.mesh.group("tp"), self.mesh.group("sp")
@@ -81,7 +92,7 @@ class GPT(nn.Module):
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         if pre_process or (post_process and cfg.tie_embeddings):
             self.embed = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, spec, self.mesh) for i in layer_ids})  # global layer ids
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, spec, self.mesh, memory) for i in layer_ids})  # global ids
         if post_process:
             self.norm = spec.final_norm(cfg.hidden_size, cfg.rms_norm_eps, self.mesh)
             if not cfg.tie_embeddings:
@@ -105,15 +116,25 @@ class GPT(nn.Module):
         x = self.embed(input_ids) if self.pre_process else hidden  # (b, s/sp, d) [/tp with sequence_parallel]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         for block in self.blocks.values():
-            x = block(x, cos, sin, docs)
+            x = self.run_block(block, x, cos, sin, docs)
         if not self.post_process:
             return x
         x = self.norm(x)
         head = self.embed if self.cfg.tie_embeddings else self.head
-        logits = vocab_parallel_logits(x, head.weight, self.tp_group, self.mesh.layout.sequence_parallel)
+        sequence_parallel = self.mesh.layout.sequence_parallel
+        if labels is not None and self.memory.loss_tiles > 1:  # never the whole (b, s, vocab / tp) logits at once
+            return tiled_lm_loss(x, head.weight, labels, self.cfg.vocab_size, self.tp_group, sequence_parallel,
+                                 self.memory.loss_tiles)
+        logits = vocab_parallel_logits(x, head.weight, self.tp_group, sequence_parallel)
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.tp_group)
+
+    def run_block(self, block: Block, x, cos, sin, docs):
+        """One block; under full recompute only its input is kept (on the host with offload) and the rest re-run."""
+        if self.memory.recompute == "full":
+            return recompute(block, x, cos, sin, docs, offload=self.memory.offload_activations)
+        return block(x, cos, sin, docs)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

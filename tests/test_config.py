@@ -114,7 +114,7 @@ def test_save_resolved_roundtrip(tmp_path):
     out = save_resolved(cfg, tmp_path / "run")
     assert out == tmp_path / "run" / "config.yaml"
     text = out.read_text()
-    assert list(yaml.safe_load(text)) == ["model", "layout", "train", "data", "checkpoint", "logging"]
+    assert list(yaml.safe_load(text)) == ["model", "layout", "memory", "train", "data", "checkpoint", "logging"]
     assert load_run_config(out) == cfg
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from megalysses.config import DataConfig
 
 # Standard-library modules whose documentation forms the built-in corpus: real prose, present on every Python.
 CORPUS_MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",

@@ -1,0 +1,180 @@
+"""The tokenised dataset on disk: token ids, document offsets and metadata under one prefix, memory-mapped to read.
+
+    <prefix>.bin   every document's token ids back to back, little-endian uint16 (vocab <= 65536) or uint32
+    <prefix>.idx   int64 little-endian document offsets into .bin (num_documents + 1 of them, first 0, last num_tokens)
+    <prefix>.json  metadata: format, version, dtype, vocab_size, eos_id, tokenizer, num_documents, num_tokens, ...
+
+Documents hold no EOS: packing appends it. The raw files read with numpy too:
+``np.memmap(prefix + ".bin", dtype=meta["dtype"])``, ``np.fromfile(prefix + ".idx", dtype="<i8")``.
+A writer fills temp files beside the prefix and renames them into place on commit; .json goes last and marks the
+dataset complete, so a reader never sees a half-written dataset.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from array import array
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .tokenizer import token_dtype
+
+FORMAT, VERSION = "megalysses-indexed", 1
+ITEMSIZE = {"uint16": 2, "uint32": 4}
+_SIGNED = {"uint16": torch.int16, "uint32": torch.int32}  # same bytes; fast CPU indexing (uint16 indexing is slow)
+_UNSIGNED_MASK = {"uint16": 0xFFFF, "uint32": 0xFFFFFFFF}
+SUFFIXES = (".bin", ".idx", ".json")
+
+
+def dataset_paths(prefix: Union[str, Path]) -> dict[str, Path]:
+    """{'bin': <prefix>.bin, 'idx': <prefix>.idx, 'json': <prefix>.json}."""
+    return {s[1:]: Path(f"{prefix}{s}") for s in SUFFIXES}
+
+
+def is_indexed(prefix: Union[str, Path]) -> bool:
+    """Whether any file of a dataset at this prefix exists (complete or not: opening it tells which)."""
+    return any(p.exists() for p in dataset_paths(prefix).values())
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("indexed datasets are little-endian and are memory-mapped as they are: this host is "
+                           "big-endian; convert the files or read them with numpy and an explicit '<' dtype")
+
+
+class IndexedWriter:
+    """Appends chunks of documents to temp files beside the prefix; commit() renames them into place atomically."""
+
+    def __init__(self, prefix: Union[str, Path], *, vocab_size: int, eos_id: int, tokenizer: str,
+                 overwrite: bool = False, meta: Optional[dict[str, Any]] = None):
+        _require_little_endian()
+        self.paths = dataset_paths(prefix)
+        if self.paths["json"].exists() and not overwrite:
+            raise FileExistsError(f"{self.paths['json']} exists: a dataset is already at prefix {str(prefix)!r}; "
+                                  "choose another prefix or pass overwrite=True (--overwrite)")
+        if not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id = {eos_id} is outside the vocabulary [0, {vocab_size})")
+        self.paths["bin"].parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = token_dtype(vocab_size)
+        self.meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype, "vocab_size": vocab_size,
+                     "eos_id": eos_id, "tokenizer": tokenizer, **(meta or {})}
+        self.tmp = {k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in self.paths.items()}
+        self._bin = open(self.tmp["bin"], "wb")
+        self._idx = open(self.tmp["idx"], "wb")
+        self.num_documents, self.num_tokens = 0, 0
+        self._idx.write(array("q", [0]).tobytes())
+
+    def add(self, data: bytes, lengths: Sequence[int]) -> None:
+        """Append documents: data holds their ids back to back (little-endian, self.dtype), lengths one per document."""
+        n = sum(lengths)
+        if len(data) != n * ITEMSIZE[self.dtype]:
+            raise ValueError(f"{len(data)} bytes of token ids for documents of {n} tokens in total; expected "
+                             f"{n * ITEMSIZE[self.dtype]} bytes of {self.dtype}")
+        offsets = array("q", itertools.accumulate(lengths, initial=self.num_tokens))  # (len(lengths) + 1,)
+        self._bin.write(data)
+        self._idx.write(offsets[1:].tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens = offsets[-1]
+
+    def commit(self, **meta: Any) -> dict[str, Any]:
+        """Close the temp files and move them into place (.json last); returns the metadata written."""
+        for f in (self._bin, self._idx):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self.meta.update(meta, num_documents=self.num_documents, num_tokens=self.num_tokens)
+        self.tmp["json"].write_text(json.dumps(self.meta, indent=1) + "\n")
+        self.paths["json"].unlink(missing_ok=True)  # no moment where an old .json describes new .bin/.idx
+        for key in ("bin", "idx", "json"):
+            os.replace(self.tmp[key], self.paths[key])
+        return self.meta
+
+    def abort(self) -> None:
+        """Drop the temp files; whatever was at the prefix before is untouched."""
+        for f in (self._bin, self._idx):
+            f.close()
+        for p in self.tmp.values():
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _map(path: Path, dtype: torch.dtype, count: int) -> torch.Tensor:
+    """A read-only-in-practice memory map of count elements (private mapping: pages load on first touch)."""
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.from_file(str(path), shared=False, size=count, dtype=dtype)
+
+
+class IndexedDataset:
+    """A memory-mapped tokenised dataset: documents by index, token ids read lazily from <prefix>.bin."""
+
+    def __init__(self, prefix: Union[str, Path]):
+        _require_little_endian()
+        self.prefix = str(prefix)
+        self.paths = dataset_paths(prefix)
+        self.meta = self._read_meta()
+        self.dtype: str = self.meta["dtype"]
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.eos_id: int = self.meta["eos_id"]
+        self.num_documents: int = self.meta["num_documents"]
+        self.num_tokens: int = self.meta["num_tokens"]
+        self._check_sizes()
+        self.offsets = _map(self.paths["idx"], torch.int64, self.num_documents + 1)  # (n + 1,)
+        self.lengths = self.offsets[1:] - self.offsets[:-1]  # (n,) in memory
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != self.num_tokens or bool((self.lengths < 0).any()):
+            raise ValueError(f"{self.paths['idx']}: document offsets are not 0 <= ... <= num_tokens = "
+                             f"{self.num_tokens} in order; the dataset is corrupt: preprocess it again")
+        self._tokens = _map(self.paths["bin"], _SIGNED[self.dtype], self.num_tokens)  # signed view of the ids
+
+    def _read_meta(self) -> dict[str, Any]:
+        p = self.paths
+        if not p["json"].is_file():
+            have = [str(x) for x in p.values() if x.exists()]
+            state = f"only {', '.join(have)} exist(s): an unfinished or interrupted write" if have else "no files"
+            raise FileNotFoundError(f"no indexed dataset at prefix {self.prefix!r} ({p['json']} missing; {state}); "
+                                    "make one with megalysses-preprocess")
+        meta = json.loads(p["json"].read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(f"{p['json']}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
+                             f"{FORMAT!r} version {VERSION}; preprocess the source again")
+        if meta.get("dtype") not in ITEMSIZE:
+            raise ValueError(f"{p['json']}: dtype {meta.get('dtype')!r} is not one of {sorted(ITEMSIZE)}")
+        return meta
+
+    def _check_sizes(self) -> None:
+        expect = {"bin": self.num_tokens * ITEMSIZE[self.dtype], "idx": (self.num_documents + 1) * 8}
+        for key, size in expect.items():
+            have = self.paths[key].stat().st_size if self.paths[key].exists() else None
+            if have != size:
+                raise ValueError(f"{self.paths[key]}: {have} bytes, but {self.paths['json']} describes {size}; the "
+                                 "files do not belong together (interrupted copy?): preprocess the source again")
+
+    def gather(self, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids (int64) at absolute positions of .bin (any shape)."""
+        if self.num_tokens == 0:
+            return torch.zeros_like(positions)
+        return self._tokens[positions].long() & _UNSIGNED_MASK[self.dtype]
+
+    def document(self, i: int) -> torch.Tensor:
+        """Token ids (int64) of document i, without EOS."""
+        if not 0 <= i < self.num_documents:
+            raise IndexError(f"document {i} out of range: the dataset has {self.num_documents} documents")
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self._tokens[lo:hi].long() & _UNSIGNED_MASK[self.dtype]
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __repr__(self) -> str:
+        return (f"IndexedDataset({self.prefix!r}: {self.num_documents} documents, {self.num_tokens} tokens, "
+                f"{self.dtype}, vocab {self.vocab_size}, eos {self.eos_id})")

@@ -56,7 +56,10 @@ class GPTConfig:
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     attention_core: str = "sdpa"
-    """Local attention kernel inside the head-sharded region: 'sdpa' (torch), later 'te', 'flash', 'auto'."""
+    """Local attention kernel inside the Ulysses head-sharded region: 'sdpa' (torch SDPA: cuDNN / flash / math
+    kernels), 'flash' (flash-attn), 'te' (Transformer Engine fused attention), 'auto' (fastest installed)."""
+    backend: str = "torch"
+    """Layer backend: 'torch' (our layers, CPU and GPU) or 'te' (Transformer Engine linear / norm layers, CUDA)."""
 
     def __post_init__(self):
         if self.num_kv_heads is None:

@@ -17,11 +17,11 @@ from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
 from megalysses.parallel.tensor import shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
-from .attention import Documents, attention_core
+from .attention import Documents, build_attention_core
 from .config import GPTConfig, MemoryConfig
 from .memory import map_sequence_tiles, recompute, recomputed, tiled_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .spec import TORCH_SPEC, LayerSpec
+from .spec import LayerSpec, layer_spec
 
 
 class Attention(nn.Module):
@@ -30,9 +30,12 @@ class Attention(nn.Module):
         tp = mesh.size("tp")
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
         self.sp_group = mesh.group("sp")
-        self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh)
+        self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh,
+                            eps=cfg.rms_norm_eps)
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
-        self.core = attention_core(cfg.attention_core)
+        sp = self.sp_group.size  # after the all-to-all: h/tp/sp query heads, kv heads replicated up to sp if fewer
+        self.core = build_attention_core(cfg.attention_core, self.heads // sp, max(self.kv_heads, sp) // sp,
+                                         cfg.head_dim)
         self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
         self.offload = memory.offload_activations
 
@@ -51,7 +54,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh):
         super().__init__()
-        self.gate_up = spec.gate_up(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), False, mesh)
+        self.gate_up = spec.gate_up(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), False, mesh,
+                                    eps=cfg.rms_norm_eps)
         self.down = spec.down(cfg.intermediate_size, cfg.hidden_size, False, mesh)
 
     def forward(self, x):
@@ -80,10 +84,11 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A Llama-family decoder on a mesh; with `layer_ids` / `pre_process` / `post_process` it is one pipeline stage."""
 
-    def __init__(self, cfg: GPTConfig, mesh: Optional[ParallelMesh] = None, spec: LayerSpec = TORCH_SPEC,
+    def __init__(self, cfg: GPTConfig, mesh: Optional[ParallelMesh] = None, spec: Optional[LayerSpec] = None,
                  layer_ids: Optional[Sequence[int]] = None, pre_process: bool = True, post_process: bool = True,
                  memory: MemoryConfig = MemoryConfig()):
         super().__init__()
+        spec = spec or layer_spec(cfg.backend)
         self.cfg, self.spec, self.memory = cfg, spec, memory
         self.mesh = mesh or ParallelMesh.single_device()
         self.mesh.layout.check_model(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layers=cfg.num_layers)
@@ -141,8 +146,13 @@ class GPT(nn.Module):
         """Initialise every parameter from its own seeded full tensor, then keep this rank's shard: any layout
         built from the same seed holds exactly the single-device weights."""
         tp = self.tp_group
-        for name, p in self.named_parameters():
+        for name, p in self.canonical_parameters():
             p.copy_(shard(full_init(name, p.full_shape, self.cfg, seed), p.shard_spec, tp.rank, tp.size))
+
+    def canonical_parameters(self):
+        """(backend-independent name, parameter) pairs: the names that init, checkpoints and HF adapters use."""
+        for name, p in self.named_parameters():
+            yield self.spec.canonical_name(name), p
 
 
 def full_init(name: str, shape, cfg: GPTConfig, seed: int) -> torch.Tensor:

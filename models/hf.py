@@ -237,7 +237,7 @@ def load_hf_state_dict_into(model: GPT, hf_state: Mapping[str, torch.Tensor], st
         if unexpected:
             raise ValueError(f"HF state dict has tensors this {type(model).__name__} has no place for: "
                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    params = dict(model.named_parameters())
+    params = dict(model.canonical_parameters())
     tp = model.tp_group
     loaded = set()
     for name, full in hf_to_ours(hf_state.__getitem__, cfg, only=params):
@@ -258,7 +258,7 @@ def gpt_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     if model.tp_group.size != 1:
         raise ValueError(f"gpt_state_to_hf needs a single-device model, got tp={model.tp_group.size}: gather the "
                          "shards first (parallel.tensor.gather_full) and call ours_to_hf")
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    params = {name: p.detach() for name, p in model.canonical_parameters()}
     missing = [n for n in our_names(model.cfg) if n not in params]
     if missing:
         raise ValueError(f"gpt_state_to_hf needs the whole model; this one lacks {missing[:4]} (a pipeline stage?)")

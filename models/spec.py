@@ -30,7 +30,8 @@ def torch_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:
     return RMSNorm(dim, eps, mesh)
 
 
-def torch_column(in_features: int, sections: Sequence[int], bias: bool, mesh: ParallelMesh) -> nn.Module:
+def torch_column(in_features: int, sections: Sequence[int], bias: bool, mesh: ParallelMesh,
+                 eps: float = 1e-5) -> nn.Module:
     return ColumnParallelLinear(in_features, sections, bias, mesh.group("tp"), mesh.layout.sequence_parallel)
 
 
@@ -43,14 +44,19 @@ def torch_embedding(vocab_size: int, dim: int, mesh: ParallelMesh) -> nn.Module:
 
 
 NormFactory = Callable[[int, float, ParallelMesh], nn.Module]          # (dim, eps, mesh)
-ColumnFactory = Callable[[int, Sequence[int], bool, ParallelMesh], nn.Module]  # (in, out sections, bias, mesh)
+ColumnFactory = Callable[..., nn.Module]  # (in, out sections, bias, mesh, eps=): eps for a fused pre-norm
 RowFactory = Callable[[int, int, bool, ParallelMesh], nn.Module]        # (in, out, bias, mesh)
 EmbeddingFactory = Callable[[int, int, ParallelMesh], nn.Module]        # (vocab, dim, mesh)
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """The modules of a GPT, by role. A backend (torch, Transformer Engine) is one instance of this."""
+    """The modules of a GPT, by role. A backend (torch, Transformer Engine) is one instance of this.
+
+    A backend that fuses a norm into the next linear (TE's LayerNormLinear) sets that norm's role to `identity`
+    and lists in `rename` how its parameter names map to the canonical (torch backend) names, so weights,
+    initialisation and checkpoints do not depend on the backend.
+    """
 
     name: str
     attn_norm: NormFactory
@@ -61,17 +67,43 @@ class LayerSpec:
     down: RowFactory
     final_norm: NormFactory
     embedding: EmbeddingFactory
+    rename: tuple[tuple[str, str], ...] = ()
+    """(backend suffix, canonical suffix) pairs, e.g. ('attn.qkv.layer_norm_weight', 'attn_norm.weight')."""
+
+    def canonical_name(self, name: str) -> str:
+        """The backend-independent name of a parameter."""
+        for suffix, canonical in self.rename:
+            if name.endswith(suffix):
+                return name[: len(name) - len(suffix)] + canonical
+        return name
+
+
+def identity(*args, **kwargs) -> nn.Module:
+    """The role is fused into a neighbouring module."""
+    return nn.Identity()
 
 
 TORCH_SPEC = LayerSpec(name="torch", attn_norm=torch_norm, qkv=torch_column, attn_out=torch_row,
                        mlp_norm=torch_norm, gate_up=torch_column, down=torch_row, final_norm=torch_norm,
                        embedding=torch_embedding)
 
-SPECS = {"torch": TORCH_SPEC}
+def te_spec() -> LayerSpec:
+    """Transformer Engine layers: RMSNorm fused into the QKV and gate/up projections, TE row-parallel linears."""
+    from . import te
+
+    return LayerSpec(name="te", attn_norm=identity, qkv=te.te_norm_column, attn_out=te.te_row, mlp_norm=identity,
+                     gate_up=te.te_norm_column, down=te.te_row, final_norm=te.te_norm, embedding=te.te_embedding,
+                     rename=(("attn.qkv.layer_norm_weight", "attn_norm.weight"),
+                             ("mlp.gate_up.layer_norm_weight", "mlp_norm.weight")))
+
+
+BACKENDS = ("torch", "te")
 
 
 def layer_spec(name: str) -> LayerSpec:
-    """The spec registered under a backend name."""
-    if name not in SPECS:
-        raise ValueError(f"layer backend {name!r} is not available; choose one of {sorted(SPECS)}")
-    return SPECS[name]
+    """The spec of a backend: 'torch' (runs anywhere) or 'te' (Transformer Engine, CUDA only)."""
+    if name == "torch":
+        return TORCH_SPEC
+    if name == "te":
+        return te_spec()
+    raise ValueError(f"backend = {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -54,7 +54,7 @@ def reference(cfg: GPTConfig, batch: Batch) -> tuple[float, dict[str, torch.Tens
     valid = (batch.labels != IGNORE_INDEX)
     loss = (per_token * valid).sum() / valid.sum()
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.item(), {n: p.grad.clone() for n, p in model.canonical_parameters()}
 
 
 def sharded(cfg: GPTConfig, layout: ParallelLayout, batch: Batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -72,7 +72,7 @@ def sharded(cfg: GPTConfig, layout: ParallelLayout, batch: Batch) -> tuple[float
     loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
     reported = C.all_reduce(loss.detach().clone(), mesh.group("dp", "sp")).item()
-    grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")) for n, p in model.named_parameters()}
+    grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")) for n, p in model.canonical_parameters()}
     return reported, grads
 
 

@@ -5,6 +5,7 @@ import datetime
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import sys
 import tempfile
@@ -41,7 +42,9 @@ def _rank_main(fn, rank: int, world: int, store_path: str, dump_dir: str, timeou
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout + 30))
         value = fn(rank, world, *args, **kwargs)
-        results.put(("ok", rank, value))
+        # pickled here, in band: tensors sent through the queue as-is would point at shared memory that
+        # vanishes when this process exits before the parent reads them
+        results.put(("ok", rank, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put(("error", rank, traceback.format_exc()))
     finally:
@@ -99,7 +102,7 @@ def _collect(procs, results, world: int, timeout: float, tmp: str) -> list[Any]:
             continue
         if status == "error":
             raise RankFailure(f"rank {rank} of {world} raised:\n{value}")
-        values[rank] = value
+        values[rank] = pickle.loads(value)
     return [values[r] for r in range(world)]
 
 

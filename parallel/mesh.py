@@ -71,11 +71,25 @@ class ParallelMesh:
             self._groups[(axis,)] = CommGroup(pg, ranks, ranks.index(self.global_rank))
         for axes in self.COMBINED:
             self._groups[axes] = self._new_combined_group(axes)
+        self._embedding_group = self._new_embedding_group()
 
     def _new_combined_group(self, axes: tuple[str, ...]) -> CommGroup:
         members = group_members(self.shape, axes)
         pg, _ = dist.new_subgroups_by_enumeration(members)
         mine = next(tuple(m) for m in members if self.global_rank in m)
+        return CommGroup(pg, mine, mine.index(self.global_rank))
+
+    def _new_embedding_group(self) -> CommGroup:
+        """First and last pipeline stage with equal dp/sp/tp coordinates (every rank creates every group, in order)."""
+        last = self.size("pp") - 1
+        if last == 0:
+            return CommGroup(None, (self.global_rank,), 0)
+        members = [[rank_of((stage,) + rest, self.shape) for stage in (0, last)]
+                   for rest in itertools.product(*(range(n) for n in self.shape[1:]))]
+        pg, _ = dist.new_subgroups_by_enumeration(members)
+        mine = next((tuple(m) for m in members if self.global_rank in m), None)
+        if mine is None:  # a middle stage: holds no embedding
+            return CommGroup(None, (self.global_rank,), 0)
         return CommGroup(pg, mine, mine.index(self.global_rank))
 
     @classmethod
@@ -89,6 +103,7 @@ class ParallelMesh:
         self.device_mesh = None
         self.coords = dict.fromkeys(AXES, 0)
         self._groups = {axes: CommGroup.solo() for axes in [(a,) for a in AXES] + list(self.COMBINED)}
+        self._embedding_group = CommGroup.solo()
         return self
 
     def group(self, *axes: str) -> CommGroup:
@@ -131,6 +146,11 @@ class ParallelMesh:
     @property
     def next_stage(self) -> Optional[int]:
         return self.stage_neighbour(+1)
+
+    def embedding_group(self) -> CommGroup:
+        """The tied-embedding group: this rank and its first/last-stage partner with the same dp/sp/tp coordinates
+        (size 2 on the first and last stage when pp > 1; this rank alone on middle stages and when pp = 1)."""
+        return self._embedding_group
 
     def __repr__(self) -> str:
         c = ", ".join(f"{a}={self.coords[a]}/{self.size(a)}" for a in AXES)

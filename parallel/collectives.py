@@ -124,7 +124,78 @@ def send_recv(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[t
             work.wait()
 
 
+def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
+             ) -> tuple[list[dist.Work], list[dist.Work]]:
+    """Post isend/irecv (peers are global ranks) as one batch and return at once: (send handles, receive handles).
+
+    wait() a receive handle before reading its buffer, a send handle before changing or freeing its tensor. A
+    backend that coalesces a batch (NCCL) gives one handle for the whole batch: every entry is that handle.
+    """
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    if not ops:
+        return [], []
+    works = dist.batch_isend_irecv(ops)
+    if len(works) != len(ops):  # coalesced: one handle completes the batch
+        works = [works[0]] * len(ops)
+    return works[:len(sends)], works[len(sends):]
+
+
+def p2p_batches_coalesce(device: torch.device) -> bool:
+    """Whether the default backend completes a batch of isend/irecv as a whole (NCCL) rather than op by op (gloo)."""
+    return bool(dist.group.WORLD._get_backend(device).supports_coalescing)
+
+
 def barrier(group: CommGroup) -> None:
     """Wait until every rank of the group arrives."""
     if not _whole(group):
         dist.barrier(group=group.pg)
+
+
+# --------------------------------------------------------------------------------- asynchronous flat-buffer ops
+
+
+class Pending:
+    """An in-flight collective: wait() blocks until it is done (a no-op for a group of one, or when already waited)."""
+
+    def __init__(self, work=None):
+        self._work = work
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
+def all_reduce_async(x: torch.Tensor, group: CommGroup, op: str = "sum") -> Pending:
+    """Start an in-place all-reduce of x over the group; x holds the result once the handle's wait() returns."""
+    if _whole(group):
+        return Pending()
+    return Pending(dist.all_reduce(x, op=_OPS[op], group=group.pg, async_op=True))
+
+
+def reduce_scatter_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
+    """Start an in-place reduce-scatter (sum) of a 1-D buffer of p * n elements: after wait(), chunk `group.rank`
+    (elements [rank * n, (rank + 1) * n)) holds the sum over the group; the other chunks are unspecified."""
+    if _whole(group):
+        return Pending()
+    _check_flat("reduce_scatter_flat_async", flat, group)
+    scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return Pending(scatter_single(flat.chunk(group.size)[group.rank], flat, group=group.pg, async_op=True))
+
+
+def all_gather_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
+    """Start an in-place all-gather of a 1-D buffer of p * n elements whose chunk `group.rank` this rank filled:
+    after wait(), chunk r holds rank r's chunk."""
+    if _whole(group):
+        return Pending()
+    _check_flat("all_gather_flat_async", flat, group)
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return Pending(gather_single(flat, flat.chunk(group.size)[group.rank], group=group.pg, async_op=True))
+
+
+def _check_flat(name: str, flat: torch.Tensor, group: CommGroup) -> None:
+    if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() % group.size:
+        raise ValueError(f"{name}: needs a contiguous 1-D buffer whose length divides by the group size {group.size}; "
+                         f"got shape {tuple(flat.shape)} (contiguous: {flat.is_contiguous()}); pad the buffer to a "
+                         f"multiple of {group.size}")

@@ -102,8 +102,8 @@ class GPT(nn.Module):
             self.norm = spec.final_norm(cfg.hidden_size, cfg.rms_norm_eps, self.mesh)
             if not cfg.tie_embeddings:
                 self.head = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)  # same vocab sharding
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
+        # float32 always (a buffer would follow model.to(bfloat16) and blur the angles at long positions)
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def default_positions(self, b: int, s_local: int, device) -> torch.Tensor:
         """Global positions of this SP rank's chunk when the caller gives none: (b, s/sp)."""
@@ -119,6 +119,8 @@ class GPT(nn.Module):
             position_ids = self.default_positions(b, s, input_ids.device)
         docs = Documents.from_positions(gather_sequence_ids(position_ids, self.sp_group))  # whole sequence
         x = self.embed(input_ids) if self.pre_process else hidden  # (b, s/sp, d) [/tp with sequence_parallel]
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         for block in self.blocks.values():
             x = self.run_block(block, x, cos, sin, docs)

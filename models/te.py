@@ -53,6 +53,15 @@ def te_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:
     return norm
 
 
+def _sequence_first(module: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """TE's sequence parallelism gathers / scatters dim 0, Megatron's (s, b, h) layout; ours is (b, s, h). Under
+    sequence parallelism, present (s, b, h) to the module and turn its output back (views when b == 1)."""
+    if mesh.layout.sequence_parallel:
+        module.register_forward_pre_hook(lambda m, args: (args[0].transpose(0, 1).contiguous(), *args[1:]))
+        module.register_forward_hook(lambda m, args, out: out.transpose(0, 1))
+    return module
+
+
 def te_norm_column(in_features: int, sections: Sequence[int], bias: bool, mesh: ParallelMesh,
                    eps: float = 1e-5) -> nn.Module:
     """RMSNorm fused with a column-parallel linear (te.LayerNormLinear); output rows split section by section."""
@@ -65,7 +74,7 @@ def te_norm_column(in_features: int, sections: Sequence[int], bias: bool, mesh: 
         _mark(layer.bias, (sum(sections),), spec)
     _mark(layer.layer_norm_weight, (in_features,), None)
     layer.layer_norm_weight.sequence_parallel = mesh.layout.sequence_parallel
-    return layer
+    return _sequence_first(layer, mesh)
 
 
 def te_row(in_features: int, out_features: int, bias: bool, mesh: ParallelMesh) -> nn.Module:
@@ -75,7 +84,7 @@ def te_row(in_features: int, out_features: int, bias: bool, mesh: ParallelMesh) 
     _mark(layer.weight, (out_features, in_features), ShardSpec(dim=1, sections=(in_features,)))
     if bias:
         _mark(layer.bias, (out_features,), None)
-    return layer
+    return _sequence_first(layer, mesh)
 
 
 def te_embedding(vocab_size: int, dim: int, mesh: ParallelMesh) -> nn.Module:

@@ -1,31 +1,70 @@
-"""AdamW with weight-decay exclusions, and the learning-rate schedules."""
+"""AdamW with weight-decay exclusions, the data-parallel gradient sync + optimizer per ZeRO level, and the
+learning-rate schedules."""
 from __future__ import annotations
 
 import math
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from megalysses.parallel import ParallelMesh
+from megalysses.parallel.data import DistributedOptimizer, FSDPGradSync, GradSync, fully_shard_model
+
 from .config import TrainConfig
+
+DEFAULT_BUCKET_MB = 25.0
+"""Main-gradient bucket size (fp32 MB) of the overlapped gradient reduction (PyTorch DDP's default)."""
+
+
+def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices (ndim >= 2) decay; norm weights and biases (1-D) do not."""
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _adamw_kwargs(cfg: TrainConfig, params: Sequence[torch.Tensor]) -> dict:
+    """lr, betas, eps, and fused=True when every parameter is on CUDA (the fused kernel's home)."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA); norms and biases (1-D params) get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             fused=fused or None)
+    """AdamW (fused on CUDA) on the model's own parameters; norms and biases (1-D params) get no weight decay."""
+    groups = param_groups(model.parameters(), cfg.weight_decay)
+    return torch.optim.AdamW(groups, **_adamw_kwargs(cfg, [p for g in groups for p in g["params"]]))
+
+
+def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainConfig,
+                        shard_modules: Sequence[torch.nn.Module] = (), bucket_mb: float = DEFAULT_BUCKET_MB
+                        ) -> tuple[Union[GradSync, FSDPGradSync], Union[DistributedOptimizer, torch.optim.AdamW]]:
+    """(grad sync, optimizer) for mesh.layout.zero; call after init_weights, with the model in float32.
+
+    zero 0: bucketed all-reduce over dp x sp overlapped with backward; fp32 masters of the whole model.
+    zero 1: bucketed reduce-scatter; masters and AdamW state sharded over dp x sp; params all-gathered after step.
+    zero 3: FSDP2 over dp x sp, one unit per `shard_modules` entry (e.g. the blocks); AdamW on the sharded params.
+    train.dtype 'bfloat16' makes the parameters bf16 (masters, main gradients and optimizer state stay fp32).
+    """
+    param_dtype: Optional[torch.dtype] = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    if mesh.layout.zero == 3:
+        sync = fully_shard_model(model, mesh, shard_modules, param_dtype)
+        return sync, build_optimizer(model, cfg)
+    sync = GradSync(model.parameters(), mesh, bucket_mb=bucket_mb, shard=mesh.layout.zero == 1)
+    groups = param_groups(model.parameters(), cfg.weight_decay)
+    optimizer = DistributedOptimizer(groups, sync, torch.optim.AdamW, param_dtype=param_dtype,
+                                     **_adamw_kwargs(cfg, sync.params))
+    return sync, optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine, wsd or constant."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup to lr at step warmup_steps - 1, then cosine
+    or wsd (both reach min_lr at the last step, steps - 1) or constant."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step + 1 - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # 1 at the last step
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
     decay_steps = max(1, int(cfg.steps * cfg.decay_fraction))  # wsd: stable, then linear decay at the end
     into_decay = step - (cfg.steps - decay_steps)

@@ -37,5 +37,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (b, s, h, head_dim) by the angles in cos / sin (b, s, 1, head_dim); half-split (HF) convention."""
+    """Rotate (b, s, h, head_dim) by the angles in cos / sin (b, s, 1, head_dim); half-split (HF) convention.
+    The result keeps x's dtype (under autocast x may be bf16 while cos / sin are float32)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin

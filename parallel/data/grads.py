@@ -1,7 +1,9 @@
-"""Gradient synchronisation: sum over dp x sp (ranks that saw other tokens), and over tp for sequence-parallel params."""
+"""Gradient synchronisation and the global gradient norm: sums over dp x sp (ranks that saw other tokens), over tp for
+sequence-parallel params; the norm counts every element once whether it is replicated or sharded."""
 from __future__ import annotations
 
-from typing import Iterable
+import sys
+from typing import Iterable, Optional
 
 import torch
 
@@ -29,19 +31,51 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], mesh: ParallelMesh) -
 
     Call after all_reduce_gradients (dp x sp replicas then agree). TP shards (params with a shard_spec) are summed
     over tp; TP-replicated params are identical on every TP rank and counted once; pipeline stages hold disjoint
-    params and are summed over pp.
+    params and are summed over pp. FSDP gradients (DTensors sharded over dp x sp) are disjoint pieces: summed over
+    dp x sp.
     """
-    sharded_sq, replicated_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "shard_spec", None) is not None:
-            sharded_sq += sq
-        else:
-            replicated_sq += sq
-    total = C.all_reduce(sharded_sq.to(_device(mesh)), mesh.group("tp")) + replicated_sq.to(_device(mesh))
+    params = list(params)
+    pieces = ((local_values(p.grad), getattr(p, "shard_spec", None) is not None, _data_split(p.grad))
+              for p in params if p.grad is not None)
+    sq = sum_of_squares(pieces, _device(mesh))
+    return global_norm(sq, mesh, data_split=any(_data_split(p) for p in params))
+
+
+def sum_of_squares(pieces: Iterable[tuple[torch.Tensor, bool, bool]], device: Optional[torch.device] = None
+                   ) -> torch.Tensor:
+    """Local sums of squares of gradient pieces (values, split over tp?, split over dp x sp?) as a float64 table
+    sq[data_split, tp_split] of shape (2, 2)."""
+    sq = torch.zeros(2, 2, dtype=torch.float64, device=device)
+    for values, tp_split, data_split in pieces:
+        sq[int(data_split), int(tp_split)] += values.detach().double().pow(2).sum().to(sq.device)
+    return sq
+
+
+def global_norm(sq: torch.Tensor, mesh: ParallelMesh, data_split: bool) -> torch.Tensor:
+    """sqrt of the model's sum of squares from every rank's sq[data_split, tp_split] table, each element once:
+    dp x sp-split pieces (ZeRO-1 shards, FSDP shards) summed over dp x sp (`data_split`: any rank may hold some;
+    the same on every rank), tp-split pieces over tp, and everything over pp (stages hold disjoint params)."""
+    if data_split:
+        C.all_reduce(sq[1], mesh.group("dp", "sp"))
+    per_tp = sq.sum(0)  # [tp-replicated, tp-split]
+    total = C.all_reduce(per_tp[1].clone(), mesh.group("tp")) + per_tp[0]
     return C.all_reduce(total, mesh.group("pp")).sqrt()
+
+
+def local_values(t: torch.Tensor) -> torch.Tensor:
+    """This rank's values of a tensor: the local shard of a DTensor, else the tensor."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _data_split(t: Optional[torch.Tensor]) -> bool:
+    """A DTensor sharded over its (dp x sp) mesh: each rank holds a disjoint piece."""
+    return _is_dtensor(t) and any(pl.is_shard() for pl in t.placements)
+
+
+def _is_dtensor(t: Optional[torch.Tensor]) -> bool:
+    """isinstance(t, DTensor) without importing DTensor (slow) when nothing has created one."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _device(mesh: ParallelMesh) -> torch.device:
@@ -55,5 +89,5 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float, mesh: 
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
-            p.grad.mul_(scale.to(p.grad.dtype))
+            local_values(p.grad).mul_(scale.to(p.grad.dtype))
     return norm

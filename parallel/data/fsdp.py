@@ -1,0 +1,93 @@
+"""ZeRO-3 through FSDP2 (`torch.distributed.fsdp.fully_shard`) over the dp x sp ranks, next to our own TP shards."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import collectives as C
+from ..mesh import ParallelMesh
+from .grads import clip_gradients, local_values
+
+PARAM_ATTRS = ("shard_spec", "full_shape", "sequence_parallel")
+"""Attributes our layers set on parameters; fully_shard replaces the parameters, so they are carried over."""
+
+
+def data_parallel_mesh(mesh: ParallelMesh):
+    """A 1-D DeviceMesh over this rank's dp x sp group: the ranks holding replicas of the same (TP-local) params."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = mesh.group("dp", "sp")
+    if group.pg is None:
+        raise RuntimeError("FSDP needs torch.distributed initialised (a ParallelMesh built from a layout, not "
+                           "ParallelMesh.single_device()); use layout.zero = 0 or 1 for a single process")
+    return DeviceMesh.from_group(group.pg, mesh.device_type, mesh_dim_names=("dp_sp",))
+
+
+def fully_shard_model(model: nn.Module, mesh: ParallelMesh, modules: Sequence[nn.Module],
+                      param_dtype: Optional[torch.dtype] = None) -> "FSDPGradSync":
+    """Shard every parameter over dp x sp with FSDP2: each of `modules` (e.g. the transformer blocks) is one
+    all-gather / reduce-scatter unit, the rest of `model` (embedding, final norm, head) the root unit.
+
+    TP shards are ordinary tensors local to each tp rank, so FSDP shards them further along dim 0. Gradients are
+    summed over dp x sp (divide factor 1: the loss is already the global token-weighted mean). With `param_dtype`
+    (e.g. bf16) forward/backward run in that dtype while the sharded fp32 parameters are the master weights and
+    gradients are reduced in fp32. Call after init_weights; returns the GradSync-like handle the loop drives.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # ~1 s to import: only when used
+
+    attrs = {name: {a: getattr(p, a) for a in PARAM_ATTRS if hasattr(p, a)} for name, p in model.named_parameters()}
+    dp_sp = data_parallel_mesh(mesh)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for module in [*modules, model]:  # bottom-up: each call groups the params not claimed by an earlier one
+        fully_shard(module, mesh=dp_sp, mp_policy=policy)
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        module.set_gradient_divide_factor(1.0)
+    for name, p in model.named_parameters():
+        for attr, value in attrs[name].items():
+            setattr(p, attr, value)
+    return FSDPGradSync(model, mesh)
+
+
+class FSDPGradSync:
+    """The GradSync interface (no_sync, finish, clip_grad_norm, zero_grad) for a model under fully_shard_model."""
+
+    def __init__(self, model: nn.Module, mesh: ParallelMesh):
+        self.model, self.mesh = model, mesh
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._finished = False
+        model.register_forward_pre_hook(self._new_step)  # whichever zero_grad the loop calls, a forward starts anew
+
+    def _new_step(self, *_) -> None:
+        self._finished = False
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate unsharded gradients without reduce-scattering (earlier micro-batches)."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def finish(self) -> None:
+        """FSDP has reduce-scattered by the end of backward; sequence-parallel params also need their sum over tp.
+        Idempotent until the next forward."""
+        if self._finished:
+            return
+        for p in self.params:
+            if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                C.all_reduce(local_values(p.grad), self.mesh.group("tp"))
+        self._finished = True
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global norm over the sharded gradients (each element once); clip to max_norm (0 disables)."""
+        return clip_gradients(self.params, max_norm, self.mesh)
+
+    def zero_grad(self) -> None:
+        """Drop the sharded gradients (the optimizer's zero_grad does the same)."""
+        for p in self.params:
+            p.grad = None
+        self._finished = False

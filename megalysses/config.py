@@ -76,6 +76,9 @@ class TrainConfig:
     """Seed for parameter initialisation and everything random in the loop."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the forward/backward pass; master weights and optimizer state stay float32."""
+    fp8: Literal["none", "delayed", "current"] = "none"
+    """FP8 matmuls through Transformer Engine recipes (needs model.backend 'te'): 'delayed' or 'current' scaling,
+    amax reduced over every rank of a pipeline stage; 'none' computes in train.dtype."""
     eval_every: int = 50
     """Steps between validation runs; 0 disables validation."""
     eval_steps: int = 4
@@ -185,6 +188,11 @@ class RunConfig:
             layout = self.layout.resolve(world_size) if world_size is not None else self.layout
         except LayoutError as e:
             raise ConfigError(f"layout vs model: {e}") from e
+        _require(t.fp8 == "none" or m.backend == "te",
+                 f"train.fp8 = {t.fp8!r} needs model.backend=te (FP8 runs in Transformer Engine layers)")
+        _require(not (layout.pp > 1 and layout.zero in (1, 3) and m.tie_embeddings),
+                 f"layout.zero = {layout.zero} with pp = {layout.pp} and tied embeddings is not supported: the tied "
+                 "embedding's two copies need whole gradients; use zero=0 or model.tie_embeddings=false")
         _require(t.seq_len <= m.max_seq_len,
                  f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
         if layout.dp is not None and t.global_batch_size % (t.micro_batch_size * layout.dp):

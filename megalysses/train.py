@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -19,54 +20,125 @@ import torch
 import torch.distributed as dist
 
 from megalysses.models.gpt import GPT
+from megalysses.models.pipeline import build_stage_chunks, run_pipeline_step, tied_parameters
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel import collectives as C
-from megalysses.parallel.data import all_reduce_gradients, clip_gradients
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence, token_weighted_loss
 
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config, save_resolved
-from .data import TokenWindows
+from .data import PackedCorpus, build_dataset
 from .metrics import PEAK_TFLOPS, MetricsLog, flops_per_token
-from .optim import build_optimizer, lr_at
+from .optim import build_data_parallel, lr_at
 
 QUICKSTART = CONFIG_DIR / "runs" / "quickstart.yaml"
 
 
+class StepData:
+    """This dp rank's rows for each step, (ids, labels, positions) each (global_batch / dp, seq_len): random windows
+    of a text (quick start) or packed documents of a preprocessed dataset (with resetting positions)."""
+
+    def __init__(self, cfg: RunConfig, mesh: ParallelMesh):
+        t = cfg.train
+        self.data, self.mesh = build_dataset(cfg.data), mesh
+        self.global_batch, self.seq_len = t.global_batch_size, t.seq_len
+        if isinstance(self.data, PackedCorpus):
+            dp = dict(dp_rank=mesh.rank("dp"), dp_size=mesh.size("dp"))
+            self.loaders = {split: self.data.loader(split, t.seq_len, t.global_batch_size, **dp)
+                            for split in ("train", "val") if len(self.data.splits[split])}
+
+    def rows(self, step: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(self.data, PackedCorpus):
+            if split not in self.loaders:
+                raise ValueError(f"no {split} documents: set data.val_fraction > 0 or train.eval_every=0")
+            b = self.loaders[split].batch_at(step * self.global_batch)
+            return b.input_ids, b.labels, b.position_ids
+        ids, labels = self.data.batch(step, self.global_batch, self.seq_len, split=split)
+        dp = self.mesh.group("dp")
+        ids, labels = ids.chunk(dp.size)[dp.rank], labels.chunk(dp.size)[dp.rank]
+        return ids, labels, torch.arange(self.seq_len).expand_as(ids)
+
+
 class Batcher:
-    """Cuts the step's global batch into this rank's micro-batches: rows by dp, sequence chunk by sp."""
+    """Cuts this dp rank's rows into micro-batches: padded to the sequence-shard unit, this SP rank's chunk."""
 
     def __init__(self, cfg: RunConfig, mesh: ParallelMesh, device: torch.device):
         t = cfg.train
-        self.mesh, self.device, self.seq_len = mesh, device, t.seq_len
-        self.global_batch, self.micro = t.global_batch_size, t.micro_batch_size
+        self.mesh, self.device, self.micro = mesh, device, t.micro_batch_size
         self.accum = t.global_batch_size // (t.micro_batch_size * mesh.size("dp"))
         self.unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.sequence_parallel else 1)
 
-    def micro_batches(self, ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """(global_batch, s) -> [(ids, positions, labels)] each (micro, s_padded / sp) on this rank's device."""
-        dp, sp = self.mesh.group("dp"), self.mesh.group("sp")
-        ids, labels = ids.chunk(dp.size)[dp.rank], labels.chunk(dp.size)[dp.rank]
-        ids, labels, pos = pad_sequence_batch(ids, labels, None, self.unit)
-        out = []
-        for m in range(self.accum):
-            rows = slice(m * self.micro, (m + 1) * self.micro)
-            out.append(tuple(shard_sequence(t[rows], sp).to(self.device) for t in (ids, pos, labels)))
-        return out
+    def micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """(rows, s) -> [(ids, positions, labels)] each (micro, s_padded / sp) on this rank's device."""
+        ids, labels, pos = pad_sequence_batch(ids, labels, pos, self.unit)
+        sp = self.mesh.group("sp")
+        return [tuple(shard_sequence(t[m * self.micro:(m + 1) * self.micro], sp).to(self.device)
+                      for t in (ids, pos, labels)) for m in range(self.accum)]
 
 
-def train_step(model, optimizer, batches, mesh: ParallelMesh, cfg: RunConfig, step: int, autocast) -> dict:
-    """One optimizer step over the micro-batches: token-weighted loss, grad sync, clip, AdamW."""
-    total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
+class Precision:
+    """Re-enterable compute context: bf16 autocast and, with the TE backend, an FP8 recipe (amax reduced over every
+    rank of this pipeline stage)."""
+
+    def __init__(self, cfg: RunConfig, mesh: ParallelMesh, device: torch.device):
+        self.device_type, self.bf16, self.fp8 = device.type, cfg.train.dtype == "bfloat16", cfg.train.fp8
+        self.amax_group = mesh.group("dp", "sp", "tp").pg
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16))
+        if self.fp8 != "none":
+            from megalysses.models.te import fp8_context
+
+            self.stack.enter_context(fp8_context(self.fp8, self.amax_group))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def build_model(cfg: RunConfig, mesh: ParallelMesh, device: torch.device) -> torch.nn.ModuleList:
+    """This rank's model chunks (one, or one per virtual pipeline stage), on the device, initialised from the seed."""
+    if mesh.size("pp") > 1:
+        chunks = build_stage_chunks(cfg.model, mesh, memory=cfg.memory)
+    else:
+        chunks = [GPT(cfg.model, mesh, memory=cfg.memory)]
+    for chunk in chunks:
+        chunk.to(device)
+        chunk.init_weights(cfg.train.seed)
+    return torch.nn.ModuleList(chunks)
+
+
+def forward_backward(chunks, sync, batches, mesh: ParallelMesh, total: torch.Tensor, precision) -> torch.Tensor:
+    """Every micro-batch's forward and backward (through the pipeline schedule when pp > 1); gradients synced over
+    dp x sp (overlapped with the last backward) and tied embeddings summed over their two stages."""
+    if mesh.size("pp") > 1:
+        with sync.no_sync():  # the schedule interleaves micro-batches: reduce once, after the last
+            loss_sum = run_pipeline_step(list(chunks), mesh.layout.schedule, batches, mesh, total, precision,
+                                         sync_tied=False)
+        sync.finish()
+        tied = tied_parameters(list(chunks))
+        if tied:
+            sync.all_reduce_main_grads(tied, mesh.embedding_group())
+        return loss_sum
     loss_sum = torch.zeros((), device=total.device)
-    for ids, pos, labels in batches:
-        with autocast:
-            per_token = model(ids, pos, labels)
-        loss = token_weighted_loss(per_token.float(), labels, total)
-        loss.backward()
+    for i, (ids, pos, labels) in enumerate(batches):
+        with sync.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+            with precision:
+                per_token = chunks[0](ids, pos, labels)
+            loss = token_weighted_loss(per_token.float(), labels, total)
+            loss.backward()
         loss_sum += loss.detach()
-    all_reduce_gradients(model.parameters(), mesh)
-    grad_norm = clip_gradients(list(model.parameters()), cfg.train.grad_clip, mesh)
+    sync.finish()
+    return loss_sum
+
+
+def train_step(chunks, sync, optimizer, batches, mesh: ParallelMesh, cfg: RunConfig, step: int, precision) -> dict:
+    """One optimizer step: token-weighted loss over the micro-batches, grad sync, clip, AdamW (skipped when the loss
+    or the gradient norm is not finite)."""
+    total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
+    loss_sum = forward_backward(chunks, sync, batches, mesh, total, precision)
+    grad_norm = sync.clip_grad_norm(cfg.train.grad_clip)
     loss_value = C.all_reduce(loss_sum, mesh.group("dp", "sp")).item()
     finite = math.isfinite(loss_value) and math.isfinite(grad_norm.item())
     lr = lr_at(step, cfg.train)
@@ -74,21 +146,25 @@ def train_step(model, optimizer, batches, mesh: ParallelMesh, cfg: RunConfig, st
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "finite": finite}
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenWindows, batcher: Batcher, mesh: ParallelMesh, cfg: RunConfig, autocast) -> float:
+def evaluate(chunks, data: StepData, batcher: Batcher, mesh: ParallelMesh, cfg: RunConfig, precision) -> float:
     """Mean loss over cfg.train.eval_steps validation batches (token-weighted over the whole dp x sp batch)."""
     losses = []
     for i in range(cfg.train.eval_steps):
-        batches = batcher.micro_batches(*data.batch(i, batcher.global_batch, batcher.seq_len, split="val"))
+        batches = batcher.micro_batches(*data.rows(i, split="val"))
         total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
-        loss = torch.zeros((), device=total.device)
-        for ids, pos, labels in batches:
-            with autocast:
-                loss += token_weighted_loss(model(ids, pos, labels).float(), labels, total)
+        if mesh.size("pp") > 1:
+            loss = run_pipeline_step(list(chunks), mesh.layout.schedule, batches, mesh, total, precision,
+                                     backward=False)
+        else:
+            loss = torch.zeros((), device=total.device)
+            for ids, pos, labels in batches:
+                with precision:
+                    loss += token_weighted_loss(chunks[0](ids, pos, labels).float(), labels, total)
         losses.append(C.all_reduce(loss, mesh.group("dp", "sp")).item())
     return sum(losses) / len(losses)
 
@@ -97,17 +173,13 @@ def train(cfg: RunConfig) -> list[dict]:
     """Run the whole loop on this rank (torch.distributed already initialised); returns rank 0's log records."""
     world, rank = dist.get_world_size(), dist.get_rank()
     layout = cfg.check(world)
-    if layout.pp > 1:
-        raise ConfigError(f"layout.pp = {layout.pp}: pipeline parallelism is not available in this version; use pp=1")
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.device == "cuda" else torch.device("cpu")
     mesh = ParallelMesh(layout, device_type=device.type)
     torch.manual_seed(cfg.train.seed + rank)
-    model = GPT(cfg.model, mesh).to(device)
-    model.init_weights(cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.train)
-    data = TokenWindows.from_config(cfg.data)
-    batcher = Batcher(cfg, mesh, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
+    chunks = build_model(cfg, mesh, device)
+    sync, optimizer = build_data_parallel(chunks, mesh, cfg.train,
+                                          shard_modules=[b for c in chunks for b in c.blocks.values()])
+    data, batcher, precision = StepData(cfg, mesh), Batcher(cfg, mesh, device), Precision(cfg, mesh, device)
     run_dir = Path(cfg.logging.run_dir)
     if rank == 0:
         save_resolved(cfg, run_dir)
@@ -115,38 +187,54 @@ def train(cfg: RunConfig) -> list[dict]:
               f"{device.type} ranks, {batcher.accum} micro-batches of {batcher.micro} x {cfg.train.seq_len} per dp rank; "
               f"run dir {run_dir}", flush=True)
     log = MetricsLog(run_dir, enabled=rank == 0, total_steps=cfg.train.steps)
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
-    records, bad_steps, tic = [], 0, time.monotonic()
+    throughput = Throughput(cfg, world, device)
+    records, bad_steps = [], 0
     for step in range(cfg.train.steps):
-        metrics = train_step(model, optimizer, batcher.micro_batches(*data.batch(step, batcher.global_batch,
-                                                                                  batcher.seq_len)),
-                             mesh, cfg, step, autocast)
-        bad_steps = 0 if metrics["finite"] else bad_steps + 1
-        if not metrics["finite"]:
-            if rank == 0:
-                print(f"warning: step {step + 1}: non-finite loss or gradient norm; step skipped", flush=True)
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} non-finite steps in a row, the last at step {step + 1}; "
-                                         "lower train.lr or check the data")
+        batches = batcher.micro_batches(*data.rows(step))
+        metrics = train_step(chunks, sync, optimizer, batches, mesh, cfg, step, precision)
+        bad_steps = 0 if metrics.pop("finite") else bad_steps + 1
+        check_finite(bad_steps, step, cfg, rank)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            metrics["val_loss"] = evaluate(model, data, batcher, mesh, cfg, autocast)
+            metrics["val_loss"] = evaluate(chunks, data, batcher, mesh, cfg, precision)
         if done % cfg.logging.interval == 0 or done == cfg.train.steps or "val_loss" in metrics:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed, tic = time.monotonic() - tic, time.monotonic()
-            steps_done = done - (records[-1]["step"] if records else 0)
-            tflops = flops_step * steps_done / elapsed / world / 1e12
-            peak = PEAK_TFLOPS[device.type]
-            metrics.update(tokens_per_s=tokens_per_step * steps_done / elapsed, tflops_per_device=tflops,
-                           mfu=tflops / peak if peak else None,
-                           peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-            metrics.pop("finite")
+            metrics.update(throughput.since_last(done))
             records.append({"step": done, **metrics})
             log.log(done, metrics)
     log.close()
     return records
+
+
+def check_finite(bad_steps: int, step: int, cfg: RunConfig, rank: int) -> None:
+    """Warn about a skipped non-finite step; stop after train.max_bad_steps of them in a row."""
+    if bad_steps == 0:
+        return
+    if rank == 0:
+        print(f"warning: step {step + 1}: non-finite loss or gradient norm; step skipped", flush=True)
+    if bad_steps >= cfg.train.max_bad_steps:
+        raise FloatingPointError(f"{bad_steps} non-finite steps in a row, the last at step {step + 1}; "
+                                 "lower train.lr or check the data")
+
+
+class Throughput:
+    """Tokens/s, model TFLOP/s and MFU per device, and peak memory, over the steps since the last call."""
+
+    def __init__(self, cfg: RunConfig, world: int, device: torch.device):
+        self.world, self.device = world, device
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * self.tokens_per_step
+        self.last_step, self.tic = 0, time.monotonic()
+
+    def since_last(self, step: int) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed, steps = time.monotonic() - self.tic, step - self.last_step
+        self.last_step, self.tic = step, time.monotonic()
+        tflops = self.flops_per_step * steps / elapsed / self.world / 1e12
+        peak = PEAK_TFLOPS[self.device.type]
+        return {"tokens_per_s": self.tokens_per_step * steps / elapsed, "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None}
 
 
 def _rank_entry(rank: int, world: int, cfg: RunConfig) -> list[dict]:

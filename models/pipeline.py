@@ -30,8 +30,12 @@ def build_stage_chunks(cfg: GPTConfig, mesh: ParallelMesh, spec: LayerSpec = TOR
     pp, vpp = mesh.size("pp"), mesh.layout.vpp
     layers = stage_layer_ids(mesh.layout, cfg.num_layers)
     last = pp * vpp - 1
-    return [GPT(cfg, mesh, spec, layer_ids=layers[v], pre_process=v == 0, post_process=v == last, **gpt_kwargs)
-            for v in local_virtual_stages(pp, vpp, mesh.rank("pp"))]
+    chunks = [GPT(cfg, mesh, spec, layer_ids=layers[v], pre_process=v == 0, post_process=v == last, **gpt_kwargs)
+              for v in local_virtual_stages(pp, vpp, mesh.rank("pp"))]
+    for c in chunks:
+        if c.post_process and not c.pre_process and cfg.tie_embeddings:
+            c.embed.weight.pipeline_duplicate = True  # the first stage's copy is the one the gradient norm counts
+    return chunks
 
 
 def tied_parameters(chunks: Sequence[GPT]) -> list[torch.nn.Parameter]:
@@ -62,13 +66,14 @@ def chunk_forward(chunk: GPT, micro_batches: Sequence[MicroBatch], total_valid: 
 
 def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Sequence[MicroBatch], mesh: ParallelMesh,
                       total_valid: torch.Tensor, autocast: Optional[ContextManager] = None,
-                      backward: bool = True) -> torch.Tensor:
+                      backward: bool = True, sync_tied: bool = True) -> torch.Tensor:
     """Forward and backward of every micro-batch through the pipeline under `schedule`; returns this dp x sp
     rank's loss share (the same on every stage), with gradients accumulated and tied embeddings synchronised.
 
     total_valid: the valid-token count of the whole step (every micro-batch, over dp x sp), so the summed shares
     are the exact global mean. Afterwards sync gradients over dp x sp as without a pipeline. backward=False: the
-    evaluation pass, forwards only (call it under torch.no_grad()).
+    evaluation pass, forwards only (call it under torch.no_grad()). sync_tied=False leaves the tied-embedding
+    gradient sum to the caller (a gradient buffer that has already taken the gradients over).
     """
     pp, vpp, rank = mesh.size("pp"), mesh.layout.vpp, mesh.rank("pp")
     if len(chunks) != vpp:
@@ -86,7 +91,7 @@ def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Seque
     for mb in sorted(losses):  # only the last stage has them
         loss_sum += losses[mb]
     C.all_reduce(loss_sum, mesh.group("pp"))  # zeros elsewhere: every stage reports the last stage's loss
-    if backward:
+    if backward and sync_tied:
         all_reduce_tied_gradients(tied_parameters(chunks), mesh)
     return loss_sum
 

@@ -48,8 +48,9 @@ def group_members(shape: tuple[int, ...], axes: tuple[str, ...]) -> list[list[in
 class ParallelMesh:
     """Groups, coordinates and pipeline neighbours of this rank; no module state, so several meshes may coexist."""
 
-    # combined groups every mesh builds: gradient/loss reduction over dp x sp; tp x sp for head-sharded state
-    COMBINED = (("dp", "sp"), ("sp", "tp"))
+    # combined groups every mesh builds: gradient/loss reduction over dp x sp; tp x sp for head-sharded state;
+    # dp x sp x tp: every rank of one pipeline stage (FP8 amax reduction)
+    COMBINED = (("dp", "sp"), ("sp", "tp"), ("dp", "sp", "tp"))
 
     def __init__(self, layout: ParallelLayout, device_type: str = "cpu"):
         if not dist.is_initialized():

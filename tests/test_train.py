@@ -35,3 +35,27 @@ def test_config_mistakes_stop_before_any_work(tmp_path, capsys):
 def test_module_entry_point_reports_config_errors():
     out = subprocess.run([sys.executable, "-m", "megalysses.train", "layout.tp=0"], capture_output=True, text=True)
     assert out.returncode == 2 and "layout.tp = 0" in out.stderr
+
+
+def _losses_and_norms(tmp_path, name, *overrides):
+    run_dir = tmp_path / name
+    assert main(["--config", str(QUICKSTART), f"logging.run_dir={run_dir}", "train.steps=3", "train.eval_every=0",
+                 "logging.interval=1", "model.tie_embeddings=true", "model.num_layers=4", *overrides]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records], [r["grad_norm"] for r in records]
+
+
+def test_every_layout_trains_like_one_device(tmp_path):
+    """Same seed, same data: losses and (clipped) global gradient norms of whole training steps agree across
+    tp x pp x sp x dp layouts, ZeRO-1 and FSDP, tied embeddings included (counted once across pipeline stages)."""
+    ref_loss, ref_norm = _losses_and_norms(tmp_path, "single", "layout=single", "train.nproc=1")
+    for name, overrides in {
+        "tp2-pp2-sp2": ["layout=tp2-pp2-sp2", "train.nproc=8"],
+        "pp2-dp2-1f1b": ["layout={pp: 2, dp: 2}", "train.nproc=4"],
+        "pp2-interleaved": ["layout={pp: 2, vpp: 2, schedule: interleaved-1f1b}", "train.nproc=2"],
+        "sp2-dp2-zero1": ["layout={sp: 2, dp: 2, zero: 1}", "train.nproc=4"],
+        "dp2-tp2-zero3": ["layout={tp: 2, dp: 2, zero: 3, sequence_parallel: true}", "train.nproc=4"],
+    }.items():
+        loss, norm = _losses_and_norms(tmp_path, name, *overrides)
+        for a, b in zip(loss + norm, ref_loss + ref_norm):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, loss, ref_loss, norm, ref_norm)

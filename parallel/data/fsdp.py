@@ -41,24 +41,27 @@ def fully_shard_model(model: nn.Module, mesh: ParallelMesh, modules: Sequence[nn
     attrs = {name: {a: getattr(p, a) for a in PARAM_ATTRS if hasattr(p, a)} for name, p in model.named_parameters()}
     dp_sp = data_parallel_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for module in [*modules, model]:  # bottom-up: each call groups the params not claimed by an earlier one
+    # a container without forward (the ModuleList of pipeline chunks) cannot be a unit: its members are the roots
+    roots = list(model.children()) if type(model).forward is nn.Module.forward else [model]
+    for module in [*modules, *roots]:  # bottom-up: each call groups the params not claimed by an earlier one
         fully_shard(module, mesh=dp_sp, mp_policy=policy)
         module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
         module.set_gradient_divide_factor(1.0)
     for name, p in model.named_parameters():
         for attr, value in attrs[name].items():
             setattr(p, attr, value)
-    return FSDPGradSync(model, mesh)
+    return FSDPGradSync(roots, mesh)
 
 
 class FSDPGradSync:
     """The GradSync interface (no_sync, finish, clip_grad_norm, zero_grad) for a model under fully_shard_model."""
 
-    def __init__(self, model: nn.Module, mesh: ParallelMesh):
-        self.model, self.mesh = model, mesh
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, roots: Sequence[nn.Module], mesh: ParallelMesh):
+        self.roots, self.mesh = list(roots), mesh  # the root FSDP units (the model, or each pipeline chunk)
+        self.params = [p for r in self.roots for p in r.parameters() if p.requires_grad]
         self._finished = False
-        model.register_forward_pre_hook(self._new_step)  # whichever zero_grad the loop calls, a forward starts anew
+        for root in self.roots:  # whichever zero_grad the loop calls, a forward starts anew
+            root.register_forward_pre_hook(self._new_step)
 
     def _new_step(self, *_) -> None:
         self._finished = False
@@ -66,11 +69,13 @@ class FSDPGradSync:
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate unsharded gradients without reduce-scattering (earlier micro-batches)."""
-        self.model.set_requires_gradient_sync(False)
+        for root in self.roots:
+            root.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            self.model.set_requires_gradient_sync(True)
+            for root in self.roots:
+                root.set_requires_gradient_sync(True)
 
     def finish(self) -> None:
         """FSDP has reduce-scattered by the end of backward; sequence-parallel params also need their sum over tp.

@@ -31,14 +31,20 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], mesh: ParallelMesh) -
 
     Call after all_reduce_gradients (dp x sp replicas then agree). TP shards (params with a shard_spec) are summed
     over tp; TP-replicated params are identical on every TP rank and counted once; pipeline stages hold disjoint
-    params and are summed over pp. FSDP gradients (DTensors sharded over dp x sp) are disjoint pieces: summed over
-    dp x sp.
+    params and are summed over pp, except the last stage's copy of a tied embedding (marked
+    `pipeline_duplicate`), left out. FSDP gradients (DTensors sharded over dp x sp) are disjoint pieces: summed
+    over dp x sp.
     """
     params = list(params)
     pieces = ((local_values(p.grad), getattr(p, "shard_spec", None) is not None, _data_split(p.grad))
-              for p in params if p.grad is not None)
+              for p in params if p.grad is not None and not is_pipeline_duplicate(p))
     sq = sum_of_squares(pieces, _device(mesh))
     return global_norm(sq, mesh, data_split=any(_data_split(p) for p in params))
+
+
+def is_pipeline_duplicate(p: torch.nn.Parameter) -> bool:
+    """A second copy of a parameter on another pipeline stage (the tied embedding on the last stage)."""
+    return bool(getattr(p, "pipeline_duplicate", False))
 
 
 def sum_of_squares(pieces: Iterable[tuple[torch.Tensor, bool, bool]], device: Optional[torch.device] = None

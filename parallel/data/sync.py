@@ -9,7 +9,7 @@ import torch
 from .. import collectives as C
 from ..mesh import ParallelMesh
 from .buffers import ALIGN, Bucket, GradBuffer, Segment
-from .grads import global_norm, sum_of_squares
+from .grads import global_norm, is_pipeline_duplicate, sum_of_squares
 
 
 class GradSync:
@@ -115,6 +115,16 @@ class GradSync:
                     C.all_reduce(buf.data[lo:hi], self.tp_group)
         self._finished = True
 
+    def all_reduce_main_grads(self, params: Iterable[torch.nn.Parameter], group) -> None:
+        """Also sum these parameters' main gradients over another group (a tied embedding's copies on the first and
+        last pipeline stage); after finish(). Needs whole main gradients, so not under ZeRO-1."""
+        if self.shard:
+            raise NotImplementedError("summing main gradients over another group needs unsharded buckets (zero 0)")
+        if not self._finished:
+            raise RuntimeError("all_reduce_main_grads() before finish(): the dp x sp reduction must land first")
+        for p in params:
+            C.all_reduce(self.main_grad(p), group)
+
     def zero_grad(self) -> None:
         """Zero the main gradients and forget the launched buckets: call after each optimizer step."""
         for buf in self.buffers:
@@ -152,8 +162,8 @@ class GradSync:
         """Global gradient norm (each element once across tp, pp, sp, dp); scales the gradients so it is at most
         max_norm (0 disables). Call after finish(); returns the norm before clipping."""
         segments = self.owned_segments()
-        sq = sum_of_squares(((s.grad, getattr(s.param, "shard_spec", None) is not None, self.shard) for s in segments),
-                            self.buffers[0].data.device)
+        sq = sum_of_squares(((s.grad, getattr(s.param, "shard_spec", None) is not None, self.shard)
+                             for s in segments if not is_pipeline_duplicate(s.param)), self.buffers[0].data.device)
         norm = global_norm(sq, self.mesh, data_split=self.shard)
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)

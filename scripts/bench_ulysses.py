@@ -3,11 +3,16 @@ on one GPU with h/P heads and no communication.
 
 GPU (the "Must show" run):
     torchrun --nproc-per-node 4 scripts/bench_ulysses.py --seqs 32768,131072,524288
+Several attention cores side by side (flash = flash-attn-4, te = Transformer Engine DotProductAttention; a core that
+cannot be built or run here prints one row saying why, and the run goes on):
+    torchrun --nproc-per-node 4 scripts/bench_ulysses.py --seqs 32768,131072 --cores sdpa,flash,te
 CPU smoke test (gloo, float32, default SDPA backend, tiny sizes):
-    torchrun --nproc-per-node 2 scripts/bench_ulysses.py --cpu
+    torchrun --nproc-per-node 2 scripts/bench_ulysses.py --cpu [--cores sdpa,flash,te]
 
 Per sequence length S (global), each rank holds q (1, S/P, 32, 128) and k, v (1, S/P, 8, 128) (Llama-3-8B heads).
 Columns:
+  core         the local attention core: sdpa (torch SDPA, --backend forced on GPU, cuDNN by default), or a core of
+               models.attention.build_attention_core(name, 32/P, 8/P, 128): flash, te
   ulysses ms   median time of ulysses_attention(...) forward + backward (CUDA events, after warm-up)
   a2a ms       the all-to-alls alone, forward + backward: seq_to_heads(q, k, v) and heads_to_seq(out) on tensors of
                the same shapes (pack/unpack copies included), medians
@@ -16,6 +21,7 @@ Columns:
   TFLOP/s      attention FLOPs per GPU / ulysses time; causal fwd = 4*S*S*H*D/2, bwd = 2.5x fwd, H = 32/P
   core ms      the same core with 32/P q heads and 8/P kv heads on the full sequence on one GPU, no communication
   eff          core ms / ulysses ms
+  a2a and nccl do not depend on the core: measured once per S (with the first core that runs) and repeated.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megalysses.models.attention import sdpa_attention
+from megalysses.models.attention import build_attention_core, sdpa_attention
 from megalysses.parallel.layout import ParallelLayout
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence.ulysses import heads_to_seq, seq_to_heads, ulysses_attention
@@ -102,7 +108,7 @@ def attn_flops_per_gpu(s: int, p: int) -> float:
     return fwd * 3.5  # bwd = 2.5 x fwd
 
 
-def check_correctness(group, s, dtype, device, ctx) -> float:
+def check_correctness(group, s, dtype, device, ctx, core=sdpa_attention) -> float:
     """Ulysses output and input grads vs full attention over the gathered sequence (every head), on each rank."""
     p, r = group.size, group.rank
     gen = torch.Generator(device=device).manual_seed(1234)  # identical on every rank: full tensors, then our slice
@@ -112,7 +118,7 @@ def check_correctness(group, s, dtype, device, ctx) -> float:
     sl = slice(r * n, (r + 1) * n)
     q, k, v = (t[:, sl].detach().clone().requires_grad_(True) for t in (qf, kf, vf))
     with ctx():
-        out = ulysses_attention(sdpa_attention, q, k, v, group)
+        out = ulysses_attention(core, q, k, v, group)
         out.backward(gf[:, sl])
     ref_in = [t.detach().double().requires_grad_(True) for t in (qf, kf, vf)]
     ref = sdpa_attention(*ref_in)  # float64 reference (math backend)
@@ -127,7 +133,9 @@ def check_correctness(group, s, dtype, device, ctx) -> float:
     return max(errs)
 
 
-def bench_size(s, group, args, device, dtype, ctx, timer, gen):
+def bench_size(s, group, args, device, dtype, ctx, timer, gen, core=sdpa_attention, comm=None):
+    """One core at one S. `comm`: the a2a / nccl results of an earlier core at this S (core-independent), or None
+    to measure them."""
     p = group.size
     n = s // p
     h_loc, hk_loc = HQ // p, HK // p
@@ -142,7 +150,7 @@ def bench_size(s, group, args, device, dtype, ctx, timer, gen):
         for t in (q, k, v):
             t.grad = None
         with ctx():
-            out = ulysses_attention(sdpa_attention, q, k, v, group)
+            out = ulysses_attention(core, q, k, v, group)
         with ctx():
             out.backward(g)
 
@@ -150,6 +158,41 @@ def bench_size(s, group, args, device, dtype, ctx, timer, gen):
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
+    if comm is not None:
+        res.update(comm)
+    else:
+        res.update(bench_comm(s, group, args, device, dtype, timer, gen, q, k, v, g))
+
+    # --- the core alone with h/P heads on the full sequence, one GPU, no communication (all ranks at once)
+    qc, kc, vc = rand((1, s, h_loc, D), dtype, device, True, gen), rand((1, s, hk_loc, D), dtype, device, True, gen), \
+        rand((1, s, hk_loc, D), dtype, device, True, gen)
+    gc = rand((1, s, h_loc, D), dtype, device, False, gen)
+
+    def core_step():
+        for t in (qc, kc, vc):
+            t.grad = None
+        with ctx():
+            out = core(qc, kc, vc)
+        with ctx():
+            out.backward(gc)
+
+    res["core"], _ = timer.measure(core_step, args.warmup, args.iters)
+    for key in ("ulysses", "core"):
+        res[key] = max_over_ranks(res[key], device)  # the slowest rank's median
+    flops = attn_flops_per_gpu(s, p)
+    res["tflops"] = flops / (res["ulysses"] * 1e-3) / 1e12
+    res["core_tflops"] = flops / (res["core"] * 1e-3) / 1e12
+    res["eff"] = res["core"] / res["ulysses"]
+    res["a2a_share"] = res["a2a"] / res["ulysses"]
+    return res
+
+
+def bench_comm(s, group, args, device, dtype, timer, gen, q, k, v, g) -> dict:
+    """The all-to-alls of the layer alone and bare NCCL of the same bytes (independent of the core)."""
+    p = group.size
+    n = s // p
+    h_loc, hk_loc = HQ // p, HK // p
+    res = {}
     # --- the all-to-alls alone (pack/unpack included): seq_to_heads(q, k, v) fwd+bwd and heads_to_seq(out) fwd+bwd
     gq = rand((1, s, h_loc, D), dtype, device, False, gen)
     gk = rand((1, s, hk_loc, D), dtype, device, False, gen)
@@ -180,46 +223,82 @@ def bench_size(s, group, args, device, dtype, ctx, timer, gen):
     res["nccl"], _ = timer.measure(nccl_step, args.warmup, args.iters)
     res["a2a_bytes"] = 2 * (elems_qkv + elems_o) * bufs[0].element_size()
     del bufs, outs, gq, gk, gv, o_heads
-
-    # --- the core alone with h/P heads on the full sequence, one GPU, no communication (all ranks at once)
-    qc, kc, vc = rand((1, s, h_loc, D), dtype, device, True, gen), rand((1, s, hk_loc, D), dtype, device, True, gen), \
-        rand((1, s, hk_loc, D), dtype, device, True, gen)
-    gc = rand((1, s, h_loc, D), dtype, device, False, gen)
-
-    def core_step():
-        for t in (qc, kc, vc):
-            t.grad = None
-        with ctx():
-            out = sdpa_attention(qc, kc, vc)
-        with ctx():
-            out.backward(gc)
-
-    res["core"], _ = timer.measure(core_step, args.warmup, args.iters)
-    for key in ("ulysses", "a2a", "nccl", "core"):
+    for key in ("a2a", "nccl"):
         res[key] = max_over_ranks(res[key], device)  # the slowest rank's median
-    flops = attn_flops_per_gpu(s, p)
-    res["tflops"] = flops / (res["ulysses"] * 1e-3) / 1e12
-    res["core_tflops"] = flops / (res["core"] * 1e-3) / 1e12
-    res["eff"] = res["core"] / res["ulysses"]
-    res["a2a_share"] = res["a2a"] / res["ulysses"]
     res["a2a_busbw"] = res["a2a_bytes"] * (p - 1) / p / (res["nccl"] * 1e-3) / 1e9
     return res
 
 
-def backend_works(ctx, device, dtype) -> tuple[bool, str]:
-    """Does the forced SDPA backend run GQA causal attention fwd+bwd at all (tiny shapes)?"""
+def first_line(e: BaseException, n: int = 200) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:n]
+
+
+def backend_works(ctx, device, dtype, core=sdpa_attention, h=8, hk=2,
+                  errors=(RuntimeError,)) -> tuple[bool, str]:
+    """Does the core (under ctx) run GQA causal attention fwd+bwd at all (tiny shapes)?"""
     try:
-        q = torch.randn(1, 256, 8, D, dtype=dtype, device=device, requires_grad=True)
-        k = torch.randn(1, 256, 2, D, dtype=dtype, device=device, requires_grad=True)
-        v = torch.randn(1, 256, 2, D, dtype=dtype, device=device, requires_grad=True)
+        q = torch.randn(1, 256, h, D, dtype=dtype, device=device, requires_grad=True)
+        k = torch.randn(1, 256, hk, D, dtype=dtype, device=device, requires_grad=True)
+        v = torch.randn(1, 256, hk, D, dtype=dtype, device=device, requires_grad=True)
         with ctx():
-            out = sdpa_attention(q, k, v)
+            out = core(q, k, v)
             out.sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return True, ""
-    except RuntimeError as e:
-        return False, str(e).splitlines()[0][:200]
+    except errors as e:
+        return False, first_line(e)
+
+
+def agree(ok: bool, device) -> bool:
+    """True when it holds on every rank."""
+    return max_over_ranks(0.0 if ok else 1.0, device) == 0.0
+
+
+def build_core(name, p, device, dtype, check_seq, group, args):
+    """(core fn, ctx, note, check error) for one --cores entry; core fn None and note = the reason when it cannot be
+    built or run here (decided on every rank alike)."""
+    if name == "sdpa":
+        ctx = sdpa_context(args, device)
+        note = "default SDPA selection" if ctx is contextlib.nullcontext else f"SDPA forced to {args.backend}"
+        if ctx is not contextlib.nullcontext:
+            ok, why = backend_works(ctx, device, dtype)
+            if not agree(ok, device):
+                log(f"NOTE: SDPA backend {args.backend} is unavailable ({why}); falling back to the default SDPA "
+                    f"selection")
+                ctx = contextlib.nullcontext
+                note = f"default SDPA selection ({args.backend} unavailable)"
+        core = sdpa_attention
+    else:
+        ctx, core, why = contextlib.nullcontext, None, ""
+        try:
+            core = build_attention_core(name, HQ // p, HK // p, D)
+        except Exception as e:  # noqa: BLE001 - any reason it cannot be built is reported, not raised
+            why = "cannot be built: " + first_line(e)
+        if not agree(core is not None, device):
+            return None, ctx, why or "cannot be built on another rank", None
+        note = {"flash": f"build_attention_core('flash', {HQ // p}, {HK // p}, {D}) = "
+                         f"{getattr(core, 'name', type(core).__name__)}",
+                "te": f"build_attention_core('te', {HQ // p}, {HK // p}, {D}) = te.DotProductAttention"}.get(
+            name, f"build_attention_core({name!r}, {HQ // p}, {HK // p}, {D})")
+        if not check_seq:  # no correctness run to try it on: a tiny fwd+bwd
+            ok, why = backend_works(ctx, device, dtype, core, HQ // p, HK // p, errors=(Exception,))
+            if not agree(ok, device):
+                return None, ctx, "does not run: " + (why or "fails on another rank"), None
+    err = None
+    if check_seq:
+        try:
+            err = check_correctness(group, check_seq, dtype, device, ctx, core)
+            ok, why = True, ""
+        except Exception as e:  # noqa: BLE001 - same on every rank: the core fails after the same all-to-all
+            if name == "sdpa" and ctx is contextlib.nullcontext:
+                raise
+            ok, why, err = False, first_line(e), float("nan")
+        if not agree(ok, device):
+            return None, ctx, "does not run: " + (why or "fails on another rank"), None
+        err = max_over_ranks(err if err == err else float("inf"), device)
+    return core, ctx, note, err
 
 
 def main():
@@ -234,7 +313,14 @@ def main():
     ap.add_argument("--check-seq", type=int, default=None,
                     help="global S of the correctness check vs float64 full attention (0 to skip; "
                          "default 2048 on GPU, 64 on CPU)")
+    ap.add_argument("--cores", default="sdpa",
+                    help="comma-separated attention cores to compare inside the layer: sdpa (SDPA, --backend forced), "
+                         "flash (flash-attn-4), te (Transformer Engine); default sdpa")
     args = ap.parse_args()
+    cores = [c.strip() for c in args.cores.split(",") if c.strip()]
+    bad = [c for c in cores if c not in ("sdpa", "flash", "te")]
+    if bad or not cores:
+        ap.error(f"--cores {args.cores!r}: choose from sdpa, flash, te")
 
     if args.cpu:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
@@ -254,34 +340,34 @@ def main():
     check_seq = args.check_seq if args.check_seq is not None else (64 if args.cpu else 2048)
 
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        log(f"device: {world} x {name}, torch {torch.__version__}, cuda {torch.version.cuda}, "
+        name_dev = torch.cuda.get_device_name(device)
+        log(f"device: {world} x {name_dev}, torch {torch.__version__}, cuda {torch.version.cuda}, "
             f"cudnn {torch.backends.cudnn.version()}, nccl {'.'.join(map(str, torch.cuda.nccl.version()))}")
         log("NCCL env: " + " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
                                      if k.startswith(("NCCL_", "NVSHMEM_", "TORCH_SYMM"))))
     else:
-        name = "CPU (gloo)"
+        name_dev = "CPU (gloo)"
         log(f"device: {world} x CPU ranks (gloo), torch {torch.__version__}, float32")
     log(f"mesh: {mesh!r}; sp group ranks {group.ranks}")
 
-    ctx = sdpa_context(args, device)
-    backend_note = "default SDPA selection" if ctx is contextlib.nullcontext else f"SDPA forced to {args.backend}"
-    if ctx is not contextlib.nullcontext:
-        ok, why = backend_works(ctx, device, dtype)
-        ok_all = max_over_ranks(0.0 if ok else 1.0, device) == 0.0
-        if not ok_all:
-            log(f"NOTE: SDPA backend {args.backend} is unavailable ({why}); falling back to the default SDPA selection")
-            ctx = contextlib.nullcontext
-            backend_note = f"default SDPA selection ({args.backend} unavailable)"
-    log(f"attention core: models.attention.sdpa_attention, {backend_note}; dtype {dtype}")
+    built = {}  # name -> (core fn or None, ctx, note or reason, check error)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for name in cores:
+        t0 = time.perf_counter()
+        core, ctx, note, err = build_core(name, p, device, dtype, check_seq, group, args)
+        built[name] = (core, ctx, note, err)
+        if core is None:
+            log(f"core {name}: unavailable, {note}")
+            continue
+        msg = f"core {name}: {note}; dtype {dtype}"
+        if err is not None:
+            msg += (f"; correctness at S={check_seq}: max relative error of out, dq, dk, dv vs float64 full "
+                    f"attention = {err:.2e} ({'ok' if err < tol else 'FAILED'}, tolerance {tol:g})")
+        log(msg + f" ({time.perf_counter() - t0:.0f} s)")
 
-    if check_seq:
-        err = check_correctness(group, check_seq, dtype, device, ctx)
-        err = max_over_ranks(err if err == err else float("inf"), device)
-        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        log(f"correctness at S={check_seq}: max relative error of out, dq, dk, dv vs float64 full attention = "
-            f"{err:.2e} ({'ok' if err < tol else 'FAILED'}, tolerance {tol:g})")
-
+    if device.type == "cuda":  # the first row's peak mem should not include the correctness checks
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
     timer = Timer(device)
     rows = []
@@ -299,43 +385,63 @@ def main():
                 continue
         sub = args.iters or (20 if s <= 32768 else 10 if s <= 131072 else 5)
         a = argparse.Namespace(**{**vars(args), "iters": sub})
-        t0 = time.perf_counter()
-        try:
-            r = bench_size(s, group, a, device, dtype, ctx, timer, gen)
-        except torch.cuda.OutOfMemoryError as e:  # only safe if every rank hits it in the same place
-            log(f"skip S={s}: out of memory ({str(e).splitlines()[0][:160]})")
-            torch.cuda.empty_cache()
-            continue
-        except RuntimeError as e:  # the forced backend refused this shape (same on every rank): retry with default
-            if ctx is contextlib.nullcontext:
-                raise
-            log(f"NOTE: S={s}: SDPA {args.backend} failed ({str(e).splitlines()[0][:200]}); "
-                f"this row uses the default SDPA selection")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        comm = None
+        for name in cores:
+            core, ctx, note, err = built[name]
+            if core is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                r = bench_size(s, group, a, device, dtype, ctx, timer, gen, core, comm)
+            except torch.cuda.OutOfMemoryError as e:  # only safe if every rank hits it in the same place
+                log(f"skip S={s} core {name}: out of memory ({str(e).splitlines()[0][:160]})")
+                rows.append({"S": s, "P": p, "name": name, "reason": "out of memory"})
                 torch.cuda.empty_cache()
-            r = bench_size(s, group, a, device, dtype, contextlib.nullcontext, timer, gen)
-            r["note"] = "default SDPA"
-        rows.append(r)
-        log(f"S={s}: ulysses {r['ulysses']:.2f} ms (rank 0, {sub} iters: min {min(r['ulysses_all']):.2f}, "
-            f"max {max(r['ulysses_all']):.2f}), a2a {r['a2a']:.2f} ms, nccl {r['nccl']:.2f} ms "
-            f"(a2a {r['a2a_bytes'] / 2**20:.0f} MiB/rank fwd+bwd, busbw {r['a2a_busbw']:.0f} GB/s), core "
-            f"{r['core']:.2f} ms ({r['core_tflops']:.0f} TFLOP/s), peak mem {r.get('peak_gib', 0):.1f} GiB, "
-            f"{time.perf_counter() - t0:.0f} s")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+                continue
+            except Exception as e:  # noqa: BLE001 - the core refused this shape (same on every rank)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                if name != "sdpa":
+                    log(f"skip S={s} core {name}: {first_line(e)}")
+                    rows.append({"S": s, "P": p, "name": name, "reason": f"failed: {first_line(e, 120)}"})
+                    continue
+                if ctx is contextlib.nullcontext:
+                    raise
+                log(f"NOTE: S={s}: SDPA {args.backend} failed ({first_line(e)}); "
+                    f"this row uses the default SDPA selection")
+                r = bench_size(s, group, a, device, dtype, contextlib.nullcontext, timer, gen, core, comm)
+                r["note"] = "default SDPA"
+            comm = {k: r[k] for k in ("a2a", "nccl", "a2a_bytes", "a2a_busbw")}
+            r["name"], r["err"] = name, err
+            rows.append(r)
+            log(f"S={s} core {name}: ulysses {r['ulysses']:.2f} ms (rank 0, {sub} iters: min "
+                f"{min(r['ulysses_all']):.2f}, max {max(r['ulysses_all']):.2f}), a2a {r['a2a']:.2f} ms, nccl "
+                f"{r['nccl']:.2f} ms (a2a {r['a2a_bytes'] / 2**20:.0f} MiB/rank fwd+bwd, busbw {r['a2a_busbw']:.0f} "
+                f"GB/s), core {r['core']:.2f} ms ({r['core_tflops']:.0f} TFLOP/s), peak mem "
+                f"{r.get('peak_gib', 0):.1f} GiB, {time.perf_counter() - t0:.0f} s")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
 
     log("")
-    log(f"Ulysses attention fwd+bwd, {world} x {name}, {backend_note}, q {HQ} heads / kv {HK} heads x {D}, "
-        f"{str(dtype).replace('torch.', '')}, median over iterations (slowest rank)")
-    hdr = f"{'S':>8} {'P':>2} {'ulysses ms':>11} {'a2a ms':>8} {'nccl ms':>8} {'a2a %':>6} {'TFLOP/s/GPU':>12} " \
-          f"{'core ms':>9} {'core TF/s':>10} {'eff':>6}"
+    log(f"Ulysses attention fwd+bwd, {world} x {name_dev}, q {HQ} heads / kv {HK} heads x {D}, "
+        f"{str(dtype).replace('torch.', '')}, median over iterations (slowest rank); "
+        f"chk err = max rel. error vs float64 at S={check_seq}")
+    hdr = f"{'core':>5} {'S':>8} {'P':>2} {'ulysses ms':>11} {'a2a ms':>8} {'nccl ms':>8} {'a2a %':>6} " \
+          f"{'TFLOP/s/GPU':>12} {'core ms':>9} {'core TF/s':>10} {'eff':>6} {'chk err':>8}"
     log(hdr)
-    for r in rows:
-        log(f"{r['S']:>8} {r['P']:>2} {r['ulysses']:>11.2f} {r['a2a']:>8.2f} {r['nccl']:>8.2f} "
+    for name in cores:  # a core that cannot run: one row with the reason
+        if built[name][0] is None:
+            log(f"{name:>5} {'-':>8} {p:>2}  unavailable: {built[name][2]}")
+    for r in sorted(rows, key=lambda r: (r["S"], cores.index(r["name"]))):
+        if "reason" in r:
+            log(f"{r['name']:>5} {r['S']:>8} {r['P']:>2}  {r['reason']}")
+            continue
+        err = f"{r['err']:.1e}" if r["err"] is not None else "-"
+        log(f"{r['name']:>5} {r['S']:>8} {r['P']:>2} {r['ulysses']:>11.2f} {r['a2a']:>8.2f} {r['nccl']:>8.2f} "
             f"{100 * r['a2a_share']:>5.1f}% {r['tflops']:>12.1f} {r['core']:>9.2f} {r['core_tflops']:>10.1f} "
-            f"{r['eff']:>6.3f}" + (f"  ({r['note']})" if "note" in r else ""))
+            f"{r['eff']:>6.3f} {err:>8}" + (f"  ({r['note']})" if "note" in r else ""))
     dist.barrier()
     dist.destroy_process_group()
 

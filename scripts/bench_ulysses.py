@@ -301,7 +301,7 @@ def build_core(name, p, device, dtype, check_seq, group, args):
     return core, ctx, note, err
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", default=None, help="comma-separated global sequence lengths "
                     "(default 32768,131072,524288 on GPU, 256,512 with --cpu)")
@@ -317,120 +317,110 @@ def main():
                     help="comma-separated attention cores to compare inside the layer: sdpa (SDPA, --backend forced), "
                          "flash (flash-attn-4), te (Transformer Engine); default sdpa")
     args = ap.parse_args()
-    cores = [c.strip() for c in args.cores.split(",") if c.strip()]
-    bad = [c for c in cores if c not in ("sdpa", "flash", "te")]
-    if bad or not cores:
+    args.cores = [c.strip() for c in args.cores.split(",") if c.strip()]
+    bad = [c for c in args.cores if c not in ("sdpa", "flash", "te")]
+    if bad or not args.cores:
         ap.error(f"--cores {args.cores!r}: choose from sdpa, flash, te")
+    args.seqs = [int(x) for x in (args.seqs or ("256,512" if args.cpu else "32768,131072,524288")).split(",")]
+    if args.check_seq is None:
+        args.check_seq = 64 if args.cpu else 2048
+    return args
 
-    if args.cpu:
+
+def init_distributed(cpu: bool) -> tuple[torch.device, torch.dtype]:
+    """gloo + float32 with --cpu, else NCCL + bf16 on this rank's GPU."""
+    if cpu:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
-        device, dtype = torch.device("cpu"), torch.float32
         torch.set_num_threads(1)
-    else:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank),
-                                timeout=datetime.timedelta(minutes=10))
-        device, dtype = torch.device("cuda", local_rank), torch.bfloat16
-    world = dist.get_world_size()
-    mesh = ParallelMesh(ParallelLayout(sp=world), device_type=device.type)
-    group = mesh.group("sp")
-    p = group.size
-    seqs = [int(x) for x in (args.seqs or ("256,512" if args.cpu else "32768,131072,524288")).split(",")]
-    check_seq = args.check_seq if args.check_seq is not None else (64 if args.cpu else 2048)
+        return torch.device("cpu"), torch.float32
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=datetime.timedelta(minutes=10))
+    return torch.device("cuda", local_rank), torch.bfloat16
 
-    if device.type == "cuda":
-        name_dev = torch.cuda.get_device_name(device)
-        log(f"device: {world} x {name_dev}, torch {torch.__version__}, cuda {torch.version.cuda}, "
-            f"cudnn {torch.backends.cudnn.version()}, nccl {'.'.join(map(str, torch.cuda.nccl.version()))}")
-        log("NCCL env: " + " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                                     if k.startswith(("NCCL_", "NVSHMEM_", "TORCH_SYMM"))))
-    else:
-        name_dev = "CPU (gloo)"
+
+def describe_device(world: int, device: torch.device) -> str:
+    """Log the device, library versions and NCCL environment; returns the device name for the table title."""
+    if device.type != "cuda":
         log(f"device: {world} x CPU ranks (gloo), torch {torch.__version__}, float32")
-    log(f"mesh: {mesh!r}; sp group ranks {group.ranks}")
+        return "CPU (gloo)"
+    name = torch.cuda.get_device_name(device)
+    log(f"device: {world} x {name}, torch {torch.__version__}, cuda {torch.version.cuda}, "
+        f"cudnn {torch.backends.cudnn.version()}, nccl {'.'.join(map(str, torch.cuda.nccl.version()))}")
+    log("NCCL env: " + " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                 if k.startswith(("NCCL_", "NVSHMEM_", "TORCH_SYMM"))))
+    return name
 
-    built = {}  # name -> (core fn or None, ctx, note or reason, check error)
+
+def build_cores(args, p: int, device, dtype, group) -> dict:
+    """name -> (core fn or None, ctx, note or reason, check error), each core checked against float64."""
+    built = {}
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for name in cores:
+    for name in args.cores:
         t0 = time.perf_counter()
-        core, ctx, note, err = build_core(name, p, device, dtype, check_seq, group, args)
+        core, ctx, note, err = build_core(name, p, device, dtype, args.check_seq, group, args)
         built[name] = (core, ctx, note, err)
         if core is None:
             log(f"core {name}: unavailable, {note}")
             continue
         msg = f"core {name}: {note}; dtype {dtype}"
         if err is not None:
-            msg += (f"; correctness at S={check_seq}: max relative error of out, dq, dk, dv vs float64 full "
+            msg += (f"; correctness at S={args.check_seq}: max relative error of out, dq, dk, dv vs float64 full "
                     f"attention = {err:.2e} ({'ok' if err < tol else 'FAILED'}, tolerance {tol:g})")
         log(msg + f" ({time.perf_counter() - t0:.0f} s)")
+    return built
 
-    if device.type == "cuda":  # the first row's peak mem should not include the correctness checks
+
+def fits(s: int, p: int, device) -> bool:
+    """Rough peak per rank (Ulysses inputs/grads/outputs/a2a buffers + core inputs/grads + stats, x1.5) vs free."""
+    if device.type != "cuda":
+        return True
+    n = s // p
+    est = 1.5 * 2 * (12 * n * (HQ + 2 * HK) * D + 6 * s * (HQ + 2 * HK) // p * D)
+    free, _ = torch.cuda.mem_get_info()
+    if max_over_ranks(est - free, device) > 0:
+        log(f"skip S={s}: estimated {est / 2**30:.1f} GiB per rank exceeds the free {free / 2**30:.1f} GiB")
+        return False
+    return True
+
+
+def bench_core(s, group, a, device, dtype, timer, gen, name, built, comm, args) -> dict:
+    """One (S, core) row; a failing core gives a row with the reason (the SDPA row retries the default backend)."""
+    core, ctx, note, err = built[name]
+    p = group.size
+    try:
+        r = bench_size(s, group, a, device, dtype, ctx, timer, gen, core, comm)
+    except torch.cuda.OutOfMemoryError as e:  # only safe if every rank hits it in the same place
+        log(f"skip S={s} core {name}: out of memory ({str(e).splitlines()[0][:160]})")
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
-    timer = Timer(device)
-    rows = []
-    for s in seqs:
-        if s % p or HQ % p:
-            log(f"skip S={s}: not divisible by P={p}")
-            continue
+        return {"S": s, "P": p, "name": name, "reason": "out of memory"}
+    except Exception as e:  # noqa: BLE001 - the core refused this shape (same on every rank)
         if device.type == "cuda":
-            # rough peak per rank: Ulysses inputs/grads/outputs/a2a buffers + core inputs/grads + sdpa stats, x1.5
-            n = s // p
-            est = 1.5 * 2 * (12 * n * (HQ + 2 * HK) * D + 6 * s * (HQ + 2 * HK) // p * D)
-            free, _ = torch.cuda.mem_get_info()
-            if max_over_ranks(est - free, device) > 0:
-                log(f"skip S={s}: estimated {est / 2**30:.1f} GiB per rank exceeds the free {free / 2**30:.1f} GiB")
-                continue
-        sub = args.iters or (20 if s <= 32768 else 10 if s <= 131072 else 5)
-        a = argparse.Namespace(**{**vars(args), "iters": sub})
-        comm = None
-        for name in cores:
-            core, ctx, note, err = built[name]
-            if core is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                r = bench_size(s, group, a, device, dtype, ctx, timer, gen, core, comm)
-            except torch.cuda.OutOfMemoryError as e:  # only safe if every rank hits it in the same place
-                log(f"skip S={s} core {name}: out of memory ({str(e).splitlines()[0][:160]})")
-                rows.append({"S": s, "P": p, "name": name, "reason": "out of memory"})
-                torch.cuda.empty_cache()
-                continue
-            except Exception as e:  # noqa: BLE001 - the core refused this shape (same on every rank)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                if name != "sdpa":
-                    log(f"skip S={s} core {name}: {first_line(e)}")
-                    rows.append({"S": s, "P": p, "name": name, "reason": f"failed: {first_line(e, 120)}"})
-                    continue
-                if ctx is contextlib.nullcontext:
-                    raise
-                log(f"NOTE: S={s}: SDPA {args.backend} failed ({first_line(e)}); "
-                    f"this row uses the default SDPA selection")
-                r = bench_size(s, group, a, device, dtype, contextlib.nullcontext, timer, gen, core, comm)
-                r["note"] = "default SDPA"
-            comm = {k: r[k] for k in ("a2a", "nccl", "a2a_bytes", "a2a_busbw")}
-            r["name"], r["err"] = name, err
-            rows.append(r)
-            log(f"S={s} core {name}: ulysses {r['ulysses']:.2f} ms (rank 0, {sub} iters: min "
-                f"{min(r['ulysses_all']):.2f}, max {max(r['ulysses_all']):.2f}), a2a {r['a2a']:.2f} ms, nccl "
-                f"{r['nccl']:.2f} ms (a2a {r['a2a_bytes'] / 2**20:.0f} MiB/rank fwd+bwd, busbw {r['a2a_busbw']:.0f} "
-                f"GB/s), core {r['core']:.2f} ms ({r['core_tflops']:.0f} TFLOP/s), peak mem "
-                f"{r.get('peak_gib', 0):.1f} GiB, {time.perf_counter() - t0:.0f} s")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        if name != "sdpa":
+            log(f"skip S={s} core {name}: {first_line(e)}")
+            return {"S": s, "P": p, "name": name, "reason": f"failed: {first_line(e, 120)}"}
+        if ctx is contextlib.nullcontext:
+            raise
+        log(f"NOTE: S={s}: SDPA {args.backend} failed ({first_line(e)}); this row uses the default SDPA selection")
+        r = bench_size(s, group, a, device, dtype, contextlib.nullcontext, timer, gen, core, comm)
+        r["note"] = "default SDPA"
+    r["name"], r["err"] = name, err
+    log(f"S={s} core {name}: ulysses {r['ulysses']:.2f} ms (rank 0, {a.iters} iters: min "
+        f"{min(r['ulysses_all']):.2f}, max {max(r['ulysses_all']):.2f}), a2a {r['a2a']:.2f} ms, nccl "
+        f"{r['nccl']:.2f} ms (a2a {r['a2a_bytes'] / 2**20:.0f} MiB/rank fwd+bwd, busbw {r['a2a_busbw']:.0f} "
+        f"GB/s), core {r['core']:.2f} ms ({r['core_tflops']:.0f} TFLOP/s), peak mem {r.get('peak_gib', 0):.1f} GiB")
+    return r
 
+
+def print_table(rows, built, cores, p, world, name_dev, dtype, check_seq) -> None:
     log("")
     log(f"Ulysses attention fwd+bwd, {world} x {name_dev}, q {HQ} heads / kv {HK} heads x {D}, "
         f"{str(dtype).replace('torch.', '')}, median over iterations (slowest rank); "
         f"chk err = max rel. error vs float64 at S={check_seq}")
-    hdr = f"{'core':>5} {'S':>8} {'P':>2} {'ulysses ms':>11} {'a2a ms':>8} {'nccl ms':>8} {'a2a %':>6} " \
-          f"{'TFLOP/s/GPU':>12} {'core ms':>9} {'core TF/s':>10} {'eff':>6} {'chk err':>8}"
-    log(hdr)
+    log(f"{'core':>5} {'S':>8} {'P':>2} {'ulysses ms':>11} {'a2a ms':>8} {'nccl ms':>8} {'a2a %':>6} "
+        f"{'TFLOP/s/GPU':>12} {'core ms':>9} {'core TF/s':>10} {'eff':>6} {'chk err':>8}")
     for name in cores:  # a core that cannot run: one row with the reason
         if built[name][0] is None:
             log(f"{name:>5} {'-':>8} {p:>2}  unavailable: {built[name][2]}")
@@ -442,6 +432,43 @@ def main():
         log(f"{r['name']:>5} {r['S']:>8} {r['P']:>2} {r['ulysses']:>11.2f} {r['a2a']:>8.2f} {r['nccl']:>8.2f} "
             f"{100 * r['a2a_share']:>5.1f}% {r['tflops']:>12.1f} {r['core']:>9.2f} {r['core_tflops']:>10.1f} "
             f"{r['eff']:>6.3f} {err:>8}" + (f"  ({r['note']})" if "note" in r else ""))
+
+
+def main():
+    args = parse_args()
+    device, dtype = init_distributed(args.cpu)
+    world = dist.get_world_size()
+    mesh = ParallelMesh(ParallelLayout(sp=world), device_type=device.type)
+    group = mesh.group("sp")
+    p = group.size
+    name_dev = describe_device(world, device)
+    log(f"mesh: {mesh!r}; sp group ranks {group.ranks}")
+    built = build_cores(args, p, device, dtype, group)
+    if device.type == "cuda":  # the first row's peak mem should not include the correctness checks
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
+    timer = Timer(device)
+    rows = []
+    for s in args.seqs:
+        if s % p or HQ % p:
+            log(f"skip S={s}: not divisible by P={p}")
+            continue
+        if not fits(s, p, device):
+            continue
+        a = argparse.Namespace(**{**vars(args), "iters": args.iters or (20 if s <= 32768 else 10 if s <= 131072 else 5)})
+        comm = None  # the all-to-all timings do not depend on the core: measured with the first one
+        for name in args.cores:
+            if built[name][0] is None:
+                continue
+            r = bench_core(s, group, a, device, dtype, timer, gen, name, built, comm, args)
+            rows.append(r)
+            if "reason" not in r:
+                comm = {k: r[k] for k in ("a2a", "nccl", "a2a_bytes", "a2a_busbw")}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    print_table(rows, built, args.cores, p, world, name_dev, dtype, args.check_seq)
     dist.barrier()
     dist.destroy_process_group()
 

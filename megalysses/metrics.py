@@ -1,12 +1,11 @@
-"""Throughput accounting (model FLOPs, MFU) and the metrics sinks: progress line and metrics.jsonl."""
+"""Throughput accounting (model FLOPs, MFU) and MetricsLog (metrics.jsonl + progress line; see sinks.py for all)."""
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
-from typing import Optional
 
 from megalysses.models.config import GPTConfig
+
+from .sinks import JsonlSink, ProgressLine, close_all
 
 PEAK_TFLOPS = {"cuda": 989.0, "cpu": None}  # dense bf16 H100/H200; no meaningful peak on CPU
 
@@ -24,37 +23,20 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
 
 
 class MetricsLog:
-    """Rank 0 writes one JSON object per logged step to metrics.jsonl and prints a progress line."""
+    """Rank 0's metrics.jsonl and progress line: MetricsSinks without wandb and TensorBoard (enabled=False: no-op)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int):
-        self.enabled, self.total_steps = enabled, total_steps
+    def __init__(self, run_dir: Path | str, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.start = time.monotonic()
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = self.path.open("a")
+        self.progress = ProgressLine(total_steps, start_step)
+        self.sinks: list = [JsonlSink(run_dir), self.progress] if enabled else []
 
-    def log(self, step: int, metrics: dict, eta_steps: Optional[int] = None) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "time": round(time.monotonic() - self.start, 3), **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        print(self.line(step, metrics), flush=True)
+    def log(self, step: int, metrics: dict) -> None:
+        for sink in self.sinks:
+            sink.log(step, metrics)
 
-    def line(self, step: int, m: dict) -> str:
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
-        parts = [f"step {step:>5}/{self.total_steps}"]
-        for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
-                         ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                         ("tflops_per_device", "{:.3g} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"),
-                         ("peak_mem_gib", "mem {:.2f} GiB")):
-            if m.get(key) is not None:
-                parts.append(fmt.format(m[key]))
-        parts.append(f"ETA {eta:,.0f}s")
-        return " | ".join(parts)
+    def line(self, step: int, metrics: dict) -> str:
+        return self.progress.line(step, metrics)
 
     def close(self) -> None:
-        if self.enabled:
-            self.file.close()
+        close_all(self.sinks)

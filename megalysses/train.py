@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -26,10 +27,13 @@ from megalysses.parallel import collectives as C
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence, token_weighted_loss
 
+from .checkpoint import Checkpointer
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config, save_resolved
 from .data import PackedCorpus, build_dataset
-from .metrics import PEAK_TFLOPS, MetricsLog, flops_per_token
+from .metrics import PEAK_TFLOPS, flops_per_token
 from .optim import build_data_parallel, lr_at
+from .signals import stop_agreed, stop_on_signals
+from .sinks import MetricsSinks, require_sinks
 
 QUICKSTART = CONFIG_DIR / "runs" / "quickstart.yaml"
 
@@ -169,39 +173,81 @@ def evaluate(chunks, data: StepData, batcher: Batcher, mesh: ParallelMesh, cfg: 
     return sum(losses) / len(losses)
 
 
-def train(cfg: RunConfig) -> list[dict]:
-    """Run the whole loop on this rank (torch.distributed already initialised); returns rank 0's log records."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    layout = cfg.check(world)
+@dataclasses.dataclass
+class Run:
+    """Everything one rank's training loop works with."""
+
+    cfg: RunConfig
+    mesh: ParallelMesh
+    device: torch.device
+    chunks: torch.nn.ModuleList
+    sync: object
+    optimizer: object
+    data: StepData
+    batcher: Batcher
+    precision: Precision
+    checkpoints: Checkpointer
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Mesh, model, gradient sync + optimizer, data and checkpointing for this rank."""
+    layout = cfg.check(dist.get_world_size())
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.device == "cuda" else torch.device("cpu")
     mesh = ParallelMesh(layout, device_type=device.type)
-    torch.manual_seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed + dist.get_rank())
     chunks = build_model(cfg, mesh, device)
     sync, optimizer = build_data_parallel(chunks, mesh, cfg.train,
                                           shard_modules=[b for c in chunks for b in c.blocks.values()])
-    data, batcher, precision = StepData(cfg, mesh), Batcher(cfg, mesh, device), Precision(cfg, mesh, device)
-    run_dir = Path(cfg.logging.run_dir)
+    data = StepData(cfg, mesh)
+    checkpoints = Checkpointer(cfg, mesh, chunks, sync, optimizer, loaders=getattr(data, "loaders", {}))
+    return Run(cfg, mesh, device, chunks, sync, optimizer, data, Batcher(cfg, mesh, device),
+               Precision(cfg, mesh, device), checkpoints)
+
+
+def train(cfg: RunConfig) -> list[dict]:
+    """Run the whole loop on this rank (torch.distributed already initialised); returns rank 0's log records."""
+    run = build_run(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        save_resolved(cfg, run_dir)
-        print(f"megalysses: {cfg.model.num_params() / 1e6:.2f}M params, layout {layout.describe()} on {world} "
-              f"{device.type} ranks, {batcher.accum} micro-batches of {batcher.micro} x {cfg.train.seq_len} per dp rank; "
-              f"run dir {run_dir}", flush=True)
-    log = MetricsLog(run_dir, enabled=rank == 0, total_steps=cfg.train.steps)
-    throughput = Throughput(cfg, world, device)
+        save_resolved(cfg, cfg.logging.run_dir)
+        print(f"megalysses: {cfg.model.num_params() / 1e6:.2f}M params, layout {run.mesh.layout.describe()} on "
+              f"{world} {run.device.type} ranks, {run.batcher.accum} micro-batches of {run.batcher.micro} x "
+              f"{cfg.train.seq_len} per dp rank; run dir {cfg.logging.run_dir}", flush=True)
+    start = run.checkpoints.resume()  # model, optimizer, RNG, data position; 0 when starting afresh
+    if start >= cfg.train.steps and rank == 0:
+        print(f"megalysses: the checkpoint is at step {start} of train.steps = {cfg.train.steps}: nothing to train "
+              "(raise train.steps, or set checkpoint.resume=never or another logging.run_dir to start afresh)",
+              flush=True)
+    # the sinks close on the way out (a crash marks the W&B run failed); signal handlers are restored
+    with MetricsSinks(cfg, rank, start_step=start) as log, stop_on_signals() as stop:
+        return training_loop(run, start, log, stop)
+
+
+def training_loop(run: Run, start: int, log: MetricsSinks, stop) -> list[dict]:
+    """batch -> schedule -> loss -> grad sync -> clip -> step -> log -> eval -> checkpoint, from step `start`."""
+    cfg, rank = run.cfg, dist.get_rank()
+    throughput = Throughput(cfg, dist.get_world_size(), run.device)
+    throughput.last_step = start
     records, bad_steps = [], 0
-    for step in range(cfg.train.steps):
-        batches = batcher.micro_batches(*data.rows(step))
-        metrics = train_step(chunks, sync, optimizer, batches, mesh, cfg, step, precision)
+    for step in range(start, cfg.train.steps):
+        batches = run.batcher.micro_batches(*run.data.rows(step))
+        metrics = train_step(run.chunks, run.sync, run.optimizer, batches, run.mesh, cfg, step, run.precision)
         bad_steps = 0 if metrics.pop("finite") else bad_steps + 1
         check_finite(bad_steps, step, cfg, rank)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            metrics["val_loss"] = evaluate(chunks, data, batcher, mesh, cfg, precision)
+            metrics["val_loss"] = evaluate(run.chunks, run.data, run.batcher, run.mesh, cfg, run.precision)
         if done % cfg.logging.interval == 0 or done == cfg.train.steps or "val_loss" in metrics:
             metrics.update(throughput.since_last(done))
             records.append({"step": done, **metrics})
             log.log(done, metrics)
-    log.close()
+        saved = run.checkpoints.after_step(done)  # every checkpoint.every steps and after the last
+        if done < cfg.train.steps and stop_agreed(stop, run.device):  # SIGTERM/SIGINT on any rank: all stop here
+            saved = saved or run.checkpoints.save(done)
+            if rank == 0:
+                print(f"megalysses: stopped after step {done} ({stop.signal_name or 'signal on another rank'}); "
+                      f"checkpoint {saved}; rerun the same command to resume", flush=True)
+            break
     return records
 
 
@@ -255,6 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
         under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
         cfg.check(int(os.environ["WORLD_SIZE"]) if under_torchrun else cfg.train.nproc)
+        require_sinks(cfg.logging)  # a missing wandb / tensorboard package stops here, before any rank starts
     except (ConfigError, FileNotFoundError) as err:  # config mistakes stop here, before any heavy work
         print(f"megalysses-train: config error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,9 @@ import torch.nn as nn
 from .. import collectives as C
 from ..mesh import ParallelMesh
 from .grads import clip_gradients, local_values
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-element state tensors (besides the 0-d `step`), as the checkpoint stores them."""
 
 PARAM_ATTRS = ("shard_spec", "full_shape", "sequence_parallel")
 """Attributes our layers set on parameters; fully_shard replaces the parameters, so they are carried over."""
@@ -96,3 +99,50 @@ class FSDPGradSync:
         for p in self.params:
             p.grad = None
         self._finished = False
+
+    # ------------------------------------------------------------------------------------ checkpoint state
+
+    @torch.no_grad()
+    def param_states(self, optimizer: torch.optim.Optimizer
+                     ) -> Iterator[tuple[nn.Parameter, dict[str, torch.Tensor]]]:
+        """(param, {'master': the whole (TP-local) fp32 parameter, 'exp_avg', 'exp_avg_sq', 'step'}) for each of
+        self.params, its dp x sp shards all-gathered: a collective, iterate it on every rank in step. Before the
+        first step the moments are 0 and step is 0."""
+        for p in self.params:
+            state = optimizer.state.get(p, {})
+            out = {"master": p.full_tensor().float()}
+            for key in MOMENTS:
+                out[key] = state[key].full_tensor() if key in state else torch.zeros_like(out["master"])
+            step = state.get("step")
+            out["step"] = torch.tensor(0.0) if step is None else step.detach().to("cpu", torch.float32).clone()
+            yield p, out
+
+    def state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """{'state': {i: param_states() entry of self.params[i]}}: whole TP-local tensors, loadable under any dp x sp
+        size or ZeRO level. A collective."""
+        return {"state": dict(enumerate(s for _, s in self.param_states(optimizer)))}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        """Restore parameters and AdamW state from whole per-parameter tensors (the `state_dict()` form; `state` may
+        be any mapping, read once per index): each rank keeps its dp x sp shard. No communication."""
+        states = state_dict["state"]
+        step_on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+        for i, p in enumerate(self.params):
+            s = states[i]
+            for key in ("master", *MOMENTS):
+                if tuple(s[key].shape) != tuple(p.shape):
+                    raise ValueError(f"FSDPGradSync.load_state_dict: parameter {i} {key} has shape "
+                                     f"{tuple(s[key].shape)}, the model's is {tuple(p.shape)}: load a state saved from "
+                                     "the same model and tensor-parallel shard")
+            p.to_local().copy_(shard_like(s["master"], p).to_local())
+            step = s["step"].detach().to(p.device if step_on_device else "cpu", torch.float32).clone()  # its own:
+            optimizer.state[p] = {"step": step, **{k: shard_like(s[k], p) for k in MOMENTS}}  # incremented in place
+
+
+def shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """A whole (TP-local) tensor cut into `param`'s dp x sp DTensor shard, as fully_shard cuts it (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=param.device, dtype=torch.float32)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)

@@ -1,7 +1,7 @@
 """DistributedOptimizer: fp32 master weights + optimizer state for the gradient elements this rank owns (ZeRO-1)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -9,6 +9,9 @@ from .. import collectives as C
 from .buffers import Bucket, Segment
 from .grads import local_values
 from .sync import GradSync
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-element state tensors (besides the 0-d `step`), as the checkpoint stores them."""
 
 
 class DistributedOptimizer:
@@ -46,10 +49,12 @@ class DistributedOptimizer:
                 values = seg.param.detach().reshape(-1)[seg.param_lo:seg.param_hi]
                 self.master(seg.bucket, seg.lo, seg.hi).copy_(values)
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in param_groups]
+        self._flats: list[tuple[Bucket, int, int, torch.nn.Parameter]] = []  # (bucket, lo, hi, inner param)
         for first, last, group in self._runs(group_of):
             flat = torch.nn.Parameter(self.master(first.bucket, first.lo, last.hi))  # aliases the master chunk
             flat.grad = first.buffer.data[first.lo:last.hi]
             inner_groups[group]["params"].append(flat)
+            self._flats.append((first.bucket, first.lo, last.hi, flat))
         self.optimizer = optimizer_cls(inner_groups, **defaults)
         if param_dtype is not None:  # masters keep the fp32 values; the model computes in param_dtype
             for p in grad_sync.params:
@@ -116,6 +121,88 @@ class DistributedOptimizer:
     def master_bytes(self) -> int:
         """Bytes of fp32 master weights on this rank (padding included)."""
         return sum(m.numel() * m.element_size() for m in self._masters.values())
+
+    # ------------------------------------------------------------------------------------ checkpoint state
+
+    @torch.no_grad()
+    def param_states(self) -> Iterator[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]]:
+        """(param, {'master', 'exp_avg', 'exp_avg_sq': fp32 tensors shaped like the param, 'step': 0-d}) for every
+        parameter, bucket by bucket; under ZeRO-1 each bucket's owned chunks are all-gathered over dp x sp, so this
+        is a collective: iterate it on every rank, in step. Before the first step the moments are 0 and step is 0."""
+        step = self._step_count()
+        for bucket in self.sync.buckets:
+            flats = {key: self._bucket_values(bucket, key) for key in ("master", *MOMENTS)}
+            for p in bucket.params:
+                _, start, end = self.sync.buffer_range(p)
+                state = {k: v[start - bucket.start:end - bucket.start].view(p.shape).clone() for k, v in flats.items()}
+                yield p, {**state, "step": step.clone()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """{'state': {i: param_states() entry of sync.params[i]}}: whole (dp x sp-gathered, TP-local) tensors per
+        parameter, so another ZeRO level or dp x sp size can load it. A collective under ZeRO-1."""
+        index = {id(p): i for i, p in enumerate(self.sync.params)}
+        return {"state": {index[id(p)]: s for p, s in self.param_states()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from whole per-parameter tensors (the `state_dict()` form; `state` may be any mapping, read once
+        per index, e.g. one that loads lazily): each rank keeps the masters and moments of the elements it owns and
+        every parameter takes its master values (cast to its dtype). No communication."""
+        states = state_dict["state"]
+        moments = {id(flat): {k: torch.zeros_like(flat) for k in MOMENTS} for *_, flat in self._flats}
+        runs = {}  # bucket index -> [(lo, hi, flat)]
+        for bucket, lo, hi, flat in self._flats:
+            runs.setdefault(bucket.index, []).append((lo, hi, flat))
+        segments: dict[int, list[Segment]] = {}
+        for seg in self._segments:
+            segments.setdefault(id(seg.param), []).append(seg)
+        steps = set()
+        for i, p in enumerate(self.sync.params):
+            s = states[i]
+            for key in ("master", *MOMENTS):
+                if tuple(s[key].shape) != tuple(p.shape):
+                    raise ValueError(f"DistributedOptimizer.load_state_dict: parameter {i} {key} has shape "
+                                     f"{tuple(s[key].shape)}, the model's is {tuple(p.shape)}: load a state saved "
+                                     "from the same model and tensor-parallel shard")
+            p.copy_(s["master"])
+            for seg in segments.get(id(p), ()):
+                self.master(seg.bucket, seg.lo, seg.hi).copy_(s["master"].reshape(-1)[seg.param_lo:seg.param_hi])
+                lo, _, flat = next(r for r in runs[seg.bucket.index] if r[0] <= seg.lo < r[1])
+                for key in MOMENTS:
+                    moments[id(flat)][key][seg.lo - lo:seg.hi - lo].copy_(s[key].reshape(-1)[seg.param_lo:seg.param_hi])
+            steps.add(float(s["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"DistributedOptimizer.load_state_dict: the parameters have different step counts "
+                             f"{sorted(steps)}: AdamW steps every parameter together; the state is inconsistent")
+        step = steps.pop() if steps else 0.0
+        for group in self.optimizer.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for flat in group["params"]:
+                self.optimizer.state[flat] = {
+                    "step": torch.tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                    **moments[id(flat)]}
+
+    def _step_count(self) -> torch.Tensor:
+        """The inner optimizer's step count (the same for every run; max over dp x sp, as a rank may own none)."""
+        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        device = next(iter(self._masters.values())).device
+        count = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=device)
+        if self.sync.shards > 1:
+            C.all_reduce(count, self.sync.data_group, op="max")
+        return torch.tensor(count.item(), dtype=torch.float32)
+
+    def _bucket_values(self, bucket: Bucket, key: str) -> torch.Tensor:
+        """The whole bucket's fp32 masters or one AdamW moment, (bucket.end - bucket.start,); padding is 0."""
+        lo = self.sync.owned_range(bucket)[0]
+        if key == "master":
+            local = self._masters[bucket]
+        else:
+            local = torch.zeros_like(self._masters[bucket])
+            for run_bucket, run_lo, run_hi, flat in self._flats:
+                value = self.optimizer.state.get(flat, {}).get(key)
+                if run_bucket is bucket and value is not None:
+                    local[run_lo - lo:run_hi - lo].copy_(value)
+        return local if self.sync.shards == 1 else C.all_gather(local, self.sync.data_group)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, keys: Optional[Iterable[str]] = None) -> int:

@@ -1,0 +1,186 @@
+"""Hugging Face model folders: config.json + safetensors (one file, or shards listed in model.safetensors.index.json),
+read one tensor at a time; and written as size-limited shards plus an index, one tensor at a time (each shard's header
+is planned from the known shapes, then the tensors' bytes are appended in order)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+CONFIG_JSON, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
+
+
+class HFFolderError(ValueError):
+    """A Hugging Face folder that cannot be read or written: names the file and the fix."""
+
+
+class HFFolder:
+    """A Hugging Face model folder opened for reading: its config, which file holds each tensor, lazy tensors."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise HFFolderError(f"{self.folder}: no such folder")
+        try:
+            self.config = json.loads((self.folder / CONFIG_JSON).read_text())
+        except FileNotFoundError:
+            raise HFFolderError(f"{self.folder / CONFIG_JSON}: missing; a Hugging Face model folder needs its config "
+                                "(save it with model.save_pretrained)") from None
+        except ValueError as e:
+            raise HFFolderError(f"{self.folder / CONFIG_JSON}: not valid JSON ({e})") from e
+        self.files = self._tensor_files()  # tensor name -> file
+
+    def _tensor_files(self) -> dict[str, Path]:
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise HFFolderError(f"{index}: unreadable or without a weight_map ({e}); re-download the model") from e
+            files = {name: self.folder / f for name, f in weight_map.items()}
+            for path in sorted(set(files.values())):
+                if not path.is_file():
+                    listed = sorted(n for n, p in files.items() if p == path)
+                    raise HFFolderError(f"{path}: missing shard ({len(listed)} tensors listed in {INDEX}, e.g. "
+                                        f"{listed[0]!r}); re-download it or copy it next to the index")
+            return files
+        single = self.folder / SINGLE
+        if single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        other = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pth"))
+        hint = f" (found {other[:3]}: re-save with save_pretrained(..., safe_serialization=True))" if other else ""
+        raise HFFolderError(f"{self.folder}: no {SINGLE} and no {INDEX}{hint}")
+
+    @contextlib.contextmanager
+    def _open(self, name: str):
+        """The file holding a tensor, memory-mapped only while it is read (so its pages never pile up)."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise KeyError(name)
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            yield f
+
+    def where(self, name: str) -> Path:
+        """The file holding a tensor (or the folder, for a tensor no file lists)."""
+        return self.files.get(name, self.folder)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its file (KeyError when no file holds it)."""
+        with self._open(name) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files
+                raise HFFolderError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); re-download this "
+                                    "shard") from e
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype of a tensor (reads the header only)."""
+        with self._open(name) as f:
+            piece = f.get_slice(name)
+            dtype = _DTYPES.get(piece.get_dtype(), torch.float32)
+            return torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+
+def plan_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
+    """Consecutive groups of at most max_bytes (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = _nbytes(entry)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards if shards[0] else []
+
+
+def shard_names(count: int) -> list[str]:
+    """model-00001-of-00003.safetensors, ... (transformers' naming)."""
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class SafetensorsWriter:
+    """One .safetensors file written tensor by tensor: the header from the planned entries, then each tensor's bytes
+    in entry order (what safetensors.safe_open and transformers read)."""
+
+    def __init__(self, path: Path | str, entries: Sequence[Entry], metadata: Optional[dict[str, str]] = None):
+        self.path, self.entries, self.next = Path(path), list(entries), 0
+        header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+        for name, shape, dtype in self.entries:
+            if dtype not in _CODES:
+                raise HFFolderError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + _nbytes(
+                (name, shape, dtype))]}
+            offset += _nbytes((name, shape, dtype))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self.file = open(self.path, "wb")
+        self.file.write(struct.pack("<Q", len(text)) + text)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.next >= len(self.entries) or self.entries[self.next][0] != name:
+            expected = self.entries[self.next][0] if self.next < len(self.entries) else "nothing"
+            raise HFFolderError(f"{self.path}: got tensor {name!r}, planned {expected!r} next")
+        _, shape, dtype = self.entries[self.next]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise HFFolderError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                                f"{tuple(shape)} {dtype}")
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        self.file.write(memoryview(data.view(torch.uint8).numpy()))
+        self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.entries):
+            raise HFFolderError(f"{self.path}: {len(self.entries) - self.next} planned tensors were never written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def write_shards(folder: Path | str, entries: Sequence[Entry], tensors: Iterable[tuple[str, torch.Tensor]],
+                 max_bytes: int, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Write the tensors (in entry order) as model-0000i-of-0000n.safetensors shards of at most max_bytes into
+    folder, plus model.safetensors.index.json; returns the index."""
+    folder = Path(folder)
+    shards = plan_shards(entries, max_bytes)
+    names = shard_names(len(shards))
+    weight_map, stream = {}, iter(tensors)
+    for file_name, shard in zip(names, shards):
+        writer = SafetensorsWriter(folder / file_name, shard)
+        with contextlib.closing(writer.file):  # closed on errors too (the caller removes the folder)
+            for _ in shard:
+                name, tensor = next(stream)
+                if progress:
+                    progress(name)
+                writer.write(name, tensor)
+                weight_map[name] = file_name
+                del tensor  # released before the next one is made
+            writer.close()
+    index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+def _nbytes(entry: Entry) -> int:
+    _, shape, dtype = entry
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()

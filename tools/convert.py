@@ -1,0 +1,351 @@
+"""megalysses-convert: Hugging Face <-> megalysses checkpoints, offline resharding, and inspection.
+
+    megalysses-convert hf-to-megalysses llama-dir/ ckpt/ --layout tp2-sp2        # HF folder -> our checkpoint
+    megalysses-convert megalysses-to-hf runs/x/checkpoints hf-out/ --max-shard-size 5GB
+    megalysses-convert reshard ckpt/ ckpt-pp4/ --layout pp4 --world-size 4
+    megalysses-convert inspect runs/x/checkpoints                                 # or an HF folder
+
+Families: Llama (Llama-3 RoPE scaling included), Mistral, Qwen2 (q/k/v bias, tied embeddings). Our checkpoints are
+layout-independent (full tensors under canonical names; see megalysses.checkpoint), so the target layout is checked
+against the model and recorded; any layout can load the result. Every conversion streams one tensor at a time (peak
+memory near the largest tensor), prints `[i/n] name` to stderr, and writes into a temporary folder next to the
+output that is renamed when complete: an error leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import yaml
+
+from megalysses.checkpoint.files import (CONFIG, FORMAT, META, VERSION, CheckpointError, describe_files,
+                                         first_problem, is_checkpoint, payload_files, read_json, resolve, verify,
+                                         write_json, write_manifest)
+from megalysses.checkpoint.hf_files import CONFIG_JSON, HFFolder, HFFolderError, write_shards
+from megalysses.checkpoint.state import model_key
+from megalysses.checkpoint.tensors import TensorReader, save_streaming
+from megalysses.config import ConfigError, RunConfig, from_dict, load_layout, load_run_config, save_resolved
+from megalysses.models.config import GPTConfig
+from megalysses.models.hf import (FAMILIES, gpt_config_from_hf, hf_config_from_gpt, hf_names, hf_to_ours,
+                                  ours_to_hf)
+from megalysses.parallel.layout import LayoutError, ParallelLayout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_IGNORED = ("rotary_emb.inv_freq",)  # buffers some old HF checkpoints carry; recomputed from the config
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot proceed: names the file or tensor and the fix."""
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (10^9), '500MiB' (2^20), '20KB', or a byte count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", text.upper())
+    if not m or m.group(2) not in _UNITS and m.group(2) is not None:
+        raise ConvertError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB, 2GiB or a byte count")
+    size = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    if size < 1:
+        raise ConvertError(f"--max-shard-size {text!r}: must be at least one byte")
+    return size
+
+
+def target_layout(name: str, model: GPTConfig, world_size: Optional[int]) -> ParallelLayout:
+    """A bundled layout name, a layout file or an inline mapping ('{pp: 2, dp: 2}'), checked against the model (and
+    the world size, when given)."""
+    if name.lstrip().startswith("{"):
+        try:
+            layout = from_dict(ParallelLayout, yaml.safe_load(name), f"--layout {name!r}", "layout")
+        except yaml.YAMLError as e:
+            raise ConvertError(f"--layout {name!r}: not a YAML mapping ({e})") from e
+    else:
+        layout = load_layout(name)
+    try:
+        layout.check_model(heads=model.num_heads, kv_heads=model.num_kv_heads, layers=model.num_layers)
+        return layout.resolve(world_size) if world_size else layout
+    except LayoutError as e:
+        raise ConvertError(f"layout {name!r} cannot hold this model ({model.num_heads} heads, {model.num_kv_heads} kv "
+                           f"heads, {model.num_layers} layers): {e}") from e
+
+
+class Progress:
+    """`[i/n] name` lines on stderr (silent with --quiet)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet, self.i = total, quiet, 0
+
+    def __call__(self, name: str) -> None:
+        self.i += 1
+        if not self.quiet:
+            print(f"[{self.i}/{self.total}] {name}", file=sys.stderr, flush=True)
+
+
+def into_new_folder(out: Path | str, write: Callable[[Path], None]) -> Path:
+    """Run write(tmp) on a temporary sibling of out, then rename it to out; on any error remove it and re-raise."""
+    out = Path(out)
+    if out.exists():
+        raise ConvertError(f"{out}: already exists; choose a new output path or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def finish_checkpoint(folder: Path, run: RunConfig, meta: dict) -> None:
+    """config.yaml, meta.json, then the manifest (last) of an offline-written checkpoint."""
+    save_resolved(run, folder)
+    write_json(folder / META, meta)
+    write_manifest(folder, describe_files(folder, payload_files(folder)), meta["step"])
+
+
+# ----------------------------------------------------------------------------------------------- hf-to-megalysses
+
+def hf_to_megalysses(hf_dir: str, out: str, layout_name: str = "single", world_size: Optional[int] = None,
+                     quiet: bool = False) -> Path:
+    """An HF folder -> our checkpoint (step 0, weights only) for a target layout."""
+    folder = HFFolder(hf_dir)
+    model_type = folder.config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConvertError(f"{folder.folder / CONFIG_JSON}: model_type {model_type!r} (architectures "
+                           f"{folder.config.get('architectures')}) is not supported; megalysses converts Llama, "
+                           f"Mistral and Qwen2 models ({', '.join(FAMILIES.values())})")
+    try:
+        model = gpt_config_from_hf(folder.config)
+    except ValueError as e:
+        raise ConvertError(f"{folder.folder / CONFIG_JSON}: {e}") from e
+    layout = target_layout(layout_name, model, world_size)
+    shapes = _planned_shapes(folder, model)
+    progress = Progress(len(shapes), quiet)
+
+    def get(key: str) -> torch.Tensor:
+        name = key[len("model."):]
+        progress(key)
+        return next(hf_to_ours(folder.get, model, only={name}))[1].float()  # masters are fp32
+
+    source = {"format": "hf", "family": folder.config["model_type"], "path": str(Path(hf_dir).resolve()),
+              "dtype": _source_dtype(folder)}
+
+    def write(tmp: Path) -> None:
+        save_streaming(tmp, [(model_key(n), s, torch.float32) for n, s in shapes.items()], get)
+        finish_checkpoint(tmp, RunConfig(model=model, layout=layout), _meta(0, layout, source))
+
+    return into_new_folder(out, write)
+
+
+def _planned_shapes(folder: HFFolder, model: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Our full shapes, checked against every HF tensor's stored shape before anything is written."""
+    asked: list[str] = []
+
+    def header_only(name: str) -> torch.Tensor:
+        asked.append(name)
+        return folder.meta(name)
+
+    try:
+        shapes = {name: tuple(t.shape) for name, t in hf_to_ours(header_only, model)}
+    except (KeyError, ValueError) as e:
+        where = folder.where(asked[-1]) if asked else folder.folder
+        raise ConvertError(f"{where}: {e.args[0]}; the weights do not match {CONFIG_JSON} (fix the config or "
+                           "re-download the model)") from e
+    known = set(hf_names(model)) | ({"lm_head.weight"} if model.tie_embeddings else set())
+    extra = sorted(n for n in folder.files if n not in known and not n.endswith(_IGNORED))
+    if extra:
+        raise ConvertError(f"{folder.where(extra[0])}: tensors with no place in this {folder.config['model_type']} "
+                           f"model: {extra[:6]}; the weights do not match {CONFIG_JSON}")
+    return shapes
+
+
+def _source_dtype(folder: HFFolder) -> str:
+    dtype = folder.config.get("torch_dtype") or folder.config.get("dtype") or "float32"
+    return dtype if dtype in DTYPES else "float32"
+
+
+def _meta(step: int, layout: ParallelLayout, source: Optional[dict], **extra) -> dict:
+    world = layout.tp * layout.sp * layout.pp * layout.dp if layout.dp else None
+    return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
+            "layout": dataclasses.asdict(layout), "optimizer": False, "rng": False,
+            "data": {"step": step, "loaders": {}}, "source": source, **extra}
+
+
+# ----------------------------------------------------------------------------------------------- megalysses-to-hf
+
+def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: Optional[str] = None,
+                     max_shard_size: str = "5GB", quiet: bool = False) -> Path:
+    """Our checkpoint (any layout) -> an HF folder: config.json, sharded safetensors, model.safetensors.index.json."""
+    path, run, meta = _open_checkpoint(ckpt)
+    model, source = run.model, meta.get("source") or {}
+    family = family or source.get("family") or ("qwen2" if model.qkv_bias else "llama")
+    dtype = dtype or source.get("dtype") or "float32"
+    try:
+        config = hf_config_from_gpt(model, family)
+    except ValueError as e:
+        raise ConvertError(f"{path / CONFIG}: {e}; pass --family {'qwen2' if model.qkv_bias else 'llama'}") from e
+    config.update(torch_dtype=dtype, dtype=dtype)
+    reader = TensorReader(path)
+    try:
+        planned = [(n, tuple(t.shape), DTYPES[dtype]) for n, t in ours_to_hf(
+            lambda name: torch.empty(reader.shape(model_key(name)), device="meta"), model)]
+    except (KeyError, ValueError) as e:
+        raise ConvertError(f"{path}: {e.args[0]}; the tensors do not match {path / CONFIG}") from e
+    progress = Progress(len(planned), quiet)
+    tensors = ((n, t.to(DTYPES[dtype])) for n, t in ours_to_hf(lambda name: reader.get(model_key(name)), model))
+
+    def write(tmp: Path) -> None:
+        write_shards(tmp, planned, tensors, parse_size(max_shard_size), progress)
+        (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return into_new_folder(out, write)
+
+
+def _open_checkpoint(ckpt: str) -> tuple[Path, RunConfig, dict]:
+    """A validated checkpoint folder (a folder of them: the newest), its run config and meta."""
+    path = resolve(ckpt)
+    verify(path)
+    return path, load_run_config(path / CONFIG), read_json(path / META, "the checkpoint is incomplete")
+
+
+# -------------------------------------------------------------------------------------------------------- reshard
+
+def reshard(ckpt: str, out: str, layout_name: str, world_size: Optional[int] = None, quiet: bool = False) -> Path:
+    """Our checkpoint -> a copy for another layout: the layout is checked against the model and recorded; tensors
+    (already full and layout-independent) are streamed across; per-rank RNG states go along when the world size
+    stays the same."""
+    path, run, meta = _open_checkpoint(ckpt)
+    layout = target_layout(layout_name, run.model, world_size)
+    reader = TensorReader(path)
+    specs = [(k, reader.shape(k), reader.dtype(k)) for k in sorted(reader.entries)]
+    progress = Progress(len(specs), quiet)
+    new_meta = {**_meta(meta["step"], layout, meta.get("source")),
+                **{k: meta[k] for k in ("optimizer", "data") if k in meta}}
+    keep_rng = bool(meta.get("rng")) and new_meta["world_size"] == meta.get("world_size")
+    new_meta["rng"] = keep_rng
+
+    def get(key: str) -> torch.Tensor:
+        progress(key)
+        return reader.get(key)
+
+    def write(tmp: Path) -> None:
+        save_streaming(tmp, specs, get)
+        if keep_rng:
+            shutil.copytree(path / "rng", tmp / "rng")
+        finish_checkpoint(tmp, dataclasses.replace(run, layout=layout), new_meta)
+
+    return into_new_folder(out, write)
+
+
+# -------------------------------------------------------------------------------------------------------- inspect
+
+def inspect(target: str) -> str:
+    """A readable summary: validity, step, layout, model config, every tensor's name, shape and dtype."""
+    path = Path(target)
+    if (path / CONFIG_JSON).is_file() and not is_checkpoint(path):
+        return _inspect_hf(path)
+    path = resolve(path)
+    _, problem = first_problem(path)
+    meta = read_json(path / META, "the checkpoint is incomplete")
+    run = load_run_config(path / CONFIG)
+    reader = TensorReader(path)
+    params = sum(_numel(reader.shape(k)) for k in reader.entries if k.startswith("model."))
+    lines = [f"checkpoint  {path}", f"status      {'valid' if problem is None else 'INVALID: ' + problem}",
+             f"step        {meta.get('step')}", f"saved on    {meta.get('world_size') or 'any number of'} ranks",
+             f"layout      {_short(meta.get('layout') or {})}",
+             f"optimizer   {'AdamW state' if meta.get('optimizer') else 'none (weights only)'}",
+             f"source      {meta.get('source')}", f"parameters  {params:,}", "model:"]
+    lines += [f"  {k}: {v}" for k, v in dataclasses.asdict(run.model).items()]
+    lines.append(f"tensors ({len(reader.entries)}):")
+    lines += [f"  {k}  {list(reader.shape(k))}  {str(reader.dtype(k)).replace('torch.', '')}"
+              for k in sorted(reader.entries)]
+    return "\n".join(lines)
+
+
+def _inspect_hf(path: Path) -> str:
+    folder = HFFolder(path)
+    lines = [f"Hugging Face folder  {path}", f"model_type  {folder.config.get('model_type')}", "config:"]
+    lines += [f"  {k}: {v}" for k, v in sorted(folder.config.items())]
+    lines.append(f"tensors ({len(folder.files)}):")
+    for name in sorted(folder.files):
+        t = folder.meta(name)
+        dtype = str(t.dtype).replace("torch.", "")
+        lines.append(f"  {name}  {list(t.shape)}  {dtype}  ({folder.where(name).name})")
+    return "\n".join(lines)
+
+
+def _short(layout: dict) -> str:
+    keys = ("tp", "sp", "pp", "dp", "vpp", "zero", "sequence_parallel")
+    return " ".join(f"{k}={layout.get(k)}" for k in keys if k in layout)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megalysses-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hf-to-megalysses", help="HF folder (config.json + safetensors) -> our checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out")
+    p.add_argument("--layout", default="single",
+                   help="target layout: bundled name, YAML file or inline '{tp: 2, sp: 2}' (default: single)")
+    p.add_argument("--world-size", type=int, help="check the layout against this many ranks too")
+    p = sub.add_parser("megalysses-to-hf", help="our checkpoint (any layout) -> HF folder")
+    p.add_argument("ckpt", help="a checkpoint folder, or a folder of them (the newest is used)")
+    p.add_argument("out")
+    p.add_argument("--family", choices=sorted(FAMILIES), help="default: the source family, else llama (qwen2 with "
+                   "a q/k/v bias)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the source dtype, else float32")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p = sub.add_parser("reshard", help="our checkpoint -> a copy for another layout")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--layout", required=True, help="target layout: bundled name, YAML file or inline mapping")
+    p.add_argument("--world-size", type=int, help="check the layout against this many ranks too")
+    p = sub.add_parser("inspect", help="print config, layout, step and tensors of a checkpoint or HF folder")
+    p.add_argument("ckpt")
+    for p in sub.choices.values():
+        p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "hf-to-megalysses":
+            done = hf_to_megalysses(args.hf_dir, args.out, args.layout, args.world_size, args.quiet)
+        elif args.command == "megalysses-to-hf":
+            done = megalysses_to_hf(args.ckpt, args.out, args.family, args.dtype, args.max_shard_size, args.quiet)
+        elif args.command == "reshard":
+            done = reshard(args.ckpt, args.out, args.layout, args.world_size, args.quiet)
+        else:
+            print(inspect(args.ckpt))
+            return 0
+    except (ConvertError, CheckpointError, HFFolderError, ConfigError, OSError) as err:
+        print(f"megalysses-convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"megalysses-convert: wrote {done}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

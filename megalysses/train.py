@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import logging
 import math
 import os
 import sys
@@ -206,8 +207,9 @@ def build_run(cfg: RunConfig) -> Run:
 
 def train(cfg: RunConfig) -> list[dict]:
     """Run the whole loop on this rank (torch.distributed already initialised); returns rank 0's log records."""
-    run = build_run(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="megalysses: %(message)s")
+    run = build_run(cfg)
     if rank == 0:
         save_resolved(cfg, cfg.logging.run_dir)
         print(f"megalysses: {cfg.model.num_params() / 1e6:.2f}M params, layout {run.mesh.layout.describe()} on "

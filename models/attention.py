@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import dataclasses
 import logging
 from typing import Optional
 
@@ -135,6 +136,15 @@ def choose_auto_core() -> tuple[str, str]:
 CORES = ("sdpa", "flash", "te", "auto")
 
 
+def resolve_auto_core(cfg):
+    """The model config with attention_core 'auto' replaced by the core it picks, logging which and why."""
+    if cfg.attention_core != "auto":
+        return cfg
+    name, reason = choose_auto_core()
+    logger.info("attention core: %s (%s)", name, reason)
+    return dataclasses.replace(cfg, attention_core=name)
+
+
 def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, scale: Optional[float] = None):
     """The local attention core for a config name, built for `heads` / `kv_heads` per rank inside the Ulysses
     head-sharded region. 'auto' logs which core runs and why."""
@@ -151,7 +161,3 @@ def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, sc
         return TEAttentionCore(heads, kv_heads, head_dim, scale)
     raise ValueError(f"attention_core = {name!r}: choose one of {', '.join(CORES)}")
 
-
-def attention_core(name: str):
-    """Deprecated shim: the core for a name with no head counts (sdpa / flash); use build_attention_core."""
-    return build_attention_core(name, 0, 0, 0)

@@ -17,7 +17,7 @@ from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
 from megalysses.parallel.tensor import shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
-from .attention import Documents, build_attention_core
+from .attention import Documents, build_attention_core, resolve_auto_core
 from .config import GPTConfig, MemoryConfig
 from .memory import map_sequence_tiles, recompute, recomputed, tiled_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -89,6 +89,7 @@ class GPT(nn.Module):
                  memory: MemoryConfig = MemoryConfig()):
         super().__init__()
         spec = spec or layer_spec(cfg.backend)
+        cfg = resolve_auto_core(cfg)
         self.cfg, self.spec, self.memory = cfg, spec, memory
         self.mesh = mesh or ParallelMesh.single_device()
         self.mesh.layout.check_model(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layers=cfg.num_layers)

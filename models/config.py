@@ -58,6 +58,8 @@ class GPTConfig:
     attention_core: str = "sdpa"
     """Local attention kernel inside the Ulysses head-sharded region: 'sdpa' (torch SDPA: cuDNN / flash / math
     kernels), 'flash' (flash-attn), 'te' (Transformer Engine fused attention), 'auto' (fastest installed)."""
+    softmax_scale: Optional[float] = None
+    """Scale of q.k inside softmax; None means 1 / sqrt(head_dim). Every attention core uses it."""
     backend: str = "torch"
     """Layer backend: 'torch' (our layers, CPU and GPU) or 'te' (Transformer Engine linear / norm layers, CUDA)."""
 

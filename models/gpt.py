@@ -35,7 +35,8 @@ class Attention(nn.Module):
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
         sp = self.sp_group.size  # after the all-to-all: h/tp/sp query heads, kv heads replicated up to sp if fewer
         self.core = build_attention_core(cfg.attention_core, self.heads // sp, max(self.kv_heads, sp) // sp,
-                                         cfg.head_dim)
+                                         cfg.head_dim, cfg.softmax_scale)
+        self.scale = cfg.softmax_scale
         self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
         self.offload = memory.offload_activations
 
@@ -47,7 +48,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(b, s, self.kv_heads, self.head_dim)
         core = recomputed(self.core, self.offload) if self.recompute_core else self.core
-        o = ulysses_attention(core, q, k, v, self.sp_group, docs=docs)  # (b, s/sp, h/tp, hd)
+        o = ulysses_attention(core, q, k, v, self.sp_group, docs=docs, scale=self.scale)  # (b, s/sp, h/tp, hd)
         return self.out(o.flatten(2))
 
 

@@ -104,7 +104,7 @@ class TEAttentionCore(nn.Module):
                                              attn_mask_type="padding_causal", qkv_format="thd", softmax_scale=scale)
 
     def forward(self, q, k, v, docs=None, scale=None):
-        # q: (b, s, hq, d); k, v: (b, s, hk, d) -> (b, s, hq, d)
+        # q: (b, s, hq, d); k, v: (b, s, hk, d) -> (b, s, hq, d); the scale was fixed when the core was built
         b, s, h, d = q.shape
         if docs is None or docs.doc_ids is None:
             return self.dense(q, k, v).view(b, s, h, d)

@@ -78,3 +78,18 @@ def test_documents_from_reset_positions():
     mask = docs.causal_mask()[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False, False, False]
     assert Documents.from_positions(torch.arange(5).view(1, 5)).doc_ids is None
+
+
+def test_softmax_scale_from_the_config_reaches_the_core():
+    """A config scale changes the model, and the sharded model still matches one device with it."""
+    import dataclasses
+
+    from megalysses.models.gpt import GPT
+
+    cfg = dataclasses.replace(CFG, softmax_scale=0.3)
+    batch = make_batch(cfg, batch=2, seq=16, packed=True)
+    default, scaled = GPT(CFG), GPT(cfg)
+    default.init_weights(0), scaled.init_weights(0)
+    assert not torch.allclose(default(batch.input_ids, batch.position_ids), scaled(batch.input_ids, batch.position_ids))
+    for loss_err, grad_err, name in run_ranks(parity_on_rank, 2, cfg, ParallelLayout(sp=2), batch):
+        assert loss_err < 1e-6 and grad_err < 1e-5, name

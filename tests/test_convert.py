@@ -25,6 +25,7 @@ from megalysses.parallel.launch import run_ranks  # noqa: E402
 from megalysses.parallel.sequence import shard_sequence  # noqa: E402
 from megalysses.parallel.tensor import ShardSpec, gather_full  # noqa: E402
 from megalysses.tools.convert import main  # noqa: E402
+from hf_random import randomize_
 
 os.environ.setdefault("MEGALYSSES_PRELOAD", "megalysses.models.gpt,megalysses.checkpoint")
 
@@ -48,14 +49,7 @@ def save_hf_model(family: str, folder: Path, dtype: torch.dtype = torch.float32,
     config = getattr(transformers, config_cls)(**SMALL, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
+    randomize_(model)
     model.to(dtype).save_pretrained(folder, safe_serialization=True, max_shard_size=shard_size)
 
 

@@ -12,6 +12,7 @@ from megalysses.models.hf import (  # noqa: E402
     gpt_config_from_hf, gpt_state_to_hf, hf_config_from_gpt, hf_names, hf_to_ours, load_hf_state_dict_into,
     our_names, ours_to_hf, permute_for_rope, unpermute)
 from megalysses.models.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
+from hf_random import randomize_
 
 SMALL = dict(vocab_size=131, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -37,14 +38,7 @@ def hf_model(family: str):
         config = getattr(transformers, config_cls)(**SMALL, **extra, attn_implementation="eager")
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(config).float().eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
-                elif name.endswith(".bias"):
-                    p.copy_(0.2 * torch.randn_like(p))
-                else:
-                    p.normal_(0.0, 0.1)
+        randomize_(model)
         _MODELS[family] = model
     return _MODELS[family]
 

@@ -11,11 +11,11 @@ from megalysses.parallel import ParallelMesh
 from megalysses.parallel.data import DistributedOptimizer, FSDPGradSync
 from megalysses.parallel.data.fsdp import shard_like
 from megalysses.parallel.data.grads import is_pipeline_duplicate, local_values
+from megalysses.parallel.data.state import MOMENTS
 from megalysses.parallel.tensor import gather_full, shard
 
 from .tensors import TensorReader
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 OPTIMIZER_KINDS = (*MOMENTS, "step")
 
 

@@ -10,8 +10,8 @@ import torch.nn as nn
 from .. import collectives as C
 from ..mesh import ParallelMesh
 from .grads import clip_gradients, local_values
+from .state import MOMENTS, check_state_shapes
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 """AdamW's per-element state tensors (besides the 0-d `step`), as the checkpoint stores them."""
 
 PARAM_ATTRS = ("shard_spec", "full_shape", "sequence_parallel")
@@ -128,13 +128,9 @@ class FSDPGradSync:
         be any mapping, read once per index): each rank keeps its dp x sp shard. No communication."""
         states = state_dict["state"]
         step_on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+        check_state_shapes("FSDPGradSync", states, self.params)
         for i, p in enumerate(self.params):
             s = states[i]
-            for key in ("master", *MOMENTS):
-                if tuple(s[key].shape) != tuple(p.shape):
-                    raise ValueError(f"FSDPGradSync.load_state_dict: parameter {i} {key} has shape "
-                                     f"{tuple(s[key].shape)}, the model's is {tuple(p.shape)}: load a state saved from "
-                                     "the same model and tensor-parallel shard")
             p.to_local().copy_(shard_like(s["master"], p).to_local())
             step = s["step"].detach().to(p.device if step_on_device else "cpu", torch.float32).clone()  # its own:
             optimizer.state[p] = {"step": step, **{k: shard_like(s[k], p) for k in MOMENTS}}  # incremented in place

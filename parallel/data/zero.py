@@ -8,9 +8,9 @@ import torch
 from .. import collectives as C
 from .buffers import Bucket, Segment
 from .grads import local_values
+from .state import MOMENTS, check_state_shapes
 from .sync import GradSync
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 """AdamW's per-element state tensors (besides the 0-d `step`), as the checkpoint stores them."""
 
 
@@ -157,13 +157,9 @@ class DistributedOptimizer:
         for seg in self._segments:
             segments.setdefault(id(seg.param), []).append(seg)
         steps = set()
+        check_state_shapes("DistributedOptimizer", states, self.sync.params)
         for i, p in enumerate(self.sync.params):
             s = states[i]
-            for key in ("master", *MOMENTS):
-                if tuple(s[key].shape) != tuple(p.shape):
-                    raise ValueError(f"DistributedOptimizer.load_state_dict: parameter {i} {key} has shape "
-                                     f"{tuple(s[key].shape)}, the model's is {tuple(p.shape)}: load a state saved "
-                                     "from the same model and tensor-parallel shard")
             p.copy_(s["master"])
             for seg in segments.get(id(p), ()):
                 self.master(seg.bucket, seg.lo, seg.hi).copy_(s["master"].reshape(-1)[seg.param_lo:seg.param_hi])

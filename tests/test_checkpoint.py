@@ -2,6 +2,7 @@
 `latest` last and keep-last-K retention, resume candidates skip temporary folders, writers stream one tensor at a
 time, and our safetensors writer produces files the safetensors library reads."""
 import dataclasses
+import json
 import weakref
 
 import pytest
@@ -199,3 +200,56 @@ def test_one_process_save_and_load_restore_everything_and_refuse_mismatches(tmp_
                                                                      micro_batch_size=8))
     with pytest.raises(CheckpointError, match="resume with train.global_batch_size=4"):
         setup(other_batch)[3].resume()
+
+
+class _FP8Meta(torch.nn.Module):
+    """Stands in for a Transformer Engine module: state outside its parameters (an amax history)."""
+
+    def __init__(self):
+        super().__init__()
+        self.history = torch.zeros(4)
+
+    def get_extra_state(self):
+        return {"amax_history": self.history.clone()}
+
+    def set_extra_state(self, state):
+        self.history = state["amax_history"].clone()
+
+
+def test_module_extra_state_is_kept_apart_and_restored_only_to_the_same_layout(tmp_path, capsys):
+    """FP8 scaling state goes to extra/rank-N.pt, next to (not inside) the layout-independent tensors; it comes
+    back under the same layout and is left to re-calibrate under another."""
+    from megalysses.checkpoint import Checkpointer
+    from megalysses.config import CheckpointConfig, LoggingConfig, RunConfig, TrainConfig
+    from megalysses.models.config import GPTConfig
+    from megalysses.models.gpt import GPT
+    from megalysses.optim import build_data_parallel
+    from megalysses.parallel import ParallelMesh
+
+    cfg = RunConfig(model=GPTConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24),
+                    train=TrainConfig(global_batch_size=4, micro_batch_size=4, steps=5),
+                    checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpts")), logging=LoggingConfig(str(tmp_path)))
+
+    def setup():
+        mesh = ParallelMesh.single_device()
+        model = GPT(cfg.model, mesh)
+        model.init_weights(1)
+        model.blocks["0"].attn.fp8 = _FP8Meta()
+        sync, optimizer = build_data_parallel(model, mesh, cfg.train)
+        return model, Checkpointer(cfg, mesh, [model], sync, optimizer)
+
+    model, saver = setup()
+    model.blocks["0"].attn.fp8.history = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    path = saver.save(2)
+    assert (path / "extra" / "rank-00000.pt").exists()
+    restored, loader = setup()
+    assert loader.resume() == 2
+    assert torch.equal(restored.blocks["0"].attn.fp8.history, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+    meta = json.loads((path / "meta.json").read_text())
+    meta["layout"]["tp"] = 2  # as if saved under another layout
+    (path / "meta.json").write_text(json.dumps(meta))
+    fresh, other = setup()
+    other.load(path)
+    assert torch.equal(fresh.blocks["0"].attn.fp8.history, torch.zeros(4))
+    assert "extra state (FP8 scaling history) not restored: the layout changed" in capsys.readouterr().out

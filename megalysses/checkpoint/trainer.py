@@ -31,6 +31,16 @@ def rng_file(rank: int) -> str:
     return f"rng/rank-{rank:05d}.pt"
 
 
+def extra_file(rank: int) -> str:
+    return f"extra/rank-{rank:05d}.pt"
+
+
+def extra_state_modules(chunks) -> dict[str, torch.nn.Module]:
+    """Modules that keep state outside their parameters (Transformer Engine's FP8 scaling history), by path."""
+    return {f"{i}.{name}": m for i, chunk in enumerate(chunks) for name, m in chunk.named_modules()
+            if type(m).get_extra_state is not torch.nn.Module.get_extra_state}
+
+
 class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the model and AdamW state (layout-independent),
     the step (the LR schedule is a function of it), every rank's RNG states and the data position."""
@@ -38,7 +48,8 @@ class Checkpointer:
     def __init__(self, cfg: RunConfig, mesh: ParallelMesh, chunks, sync=None, optimizer=None,
                  loaders: Optional[Mapping[str, Any]] = None):
         self.cfg, self.mesh = cfg, mesh
-        self.state = TrainingState(chunks, mesh, sync, optimizer)
+        self.chunks = list(chunks)
+        self.state = TrainingState(self.chunks, mesh, sync, optimizer)
         self.loaders = dict(loaders or {})  # split -> BatchLoader (packed datasets); windows are indexed by step
         self.root = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -62,10 +73,13 @@ class Checkpointer:
         tmp, final = self.root / temp_dir_name(step), self.root / step_dir_name(step)
         if self.rank == 0:
             remove_stale_temps(self.root)
-            for sub in (PARTS, "rng"):
+            for sub in (PARTS, "rng", "extra"):
                 (tmp / sub).mkdir(parents=True, exist_ok=True)
         C.barrier(self.everyone)
         torch.save(self._rng_state(), tmp / rng_file(self.rank))
+        extra = {path: m.get_extra_state() for path, m in extra_state_modules(self.chunks).items()}
+        if extra:  # per rank and per layout: kept apart from the layout-independent tensors
+            torch.save(extra, tmp / extra_file(self.rank))
         save_on_every_rank(tmp, self.state.gather_to_writers())
         if self.rank == 0:
             save_resolved(self.cfg, tmp)
@@ -172,6 +186,7 @@ class Checkpointer:
         self.state.load(reader, with_optimizer)
         step = int(meta["step"])
         self._restore_rng(path, meta)
+        self._restore_extra(path, meta)
         self._restore_data(path, meta, step)
         layout = meta.get("layout") or {}
         how = "" if with_optimizer else "; weights only, the optimizer starts fresh"
@@ -206,6 +221,22 @@ class Checkpointer:
         if state.get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
         random.setstate(state["python"])
+
+    def _restore_extra(self, path: Path, meta: dict) -> None:
+        """Modules' extra state (TE FP8 scaling history) returns only to the same layout and backend; elsewhere
+        it starts afresh (FP8 scales re-calibrate within amax_history_len steps)."""
+        modules = extra_state_modules(self.chunks)
+        saved = path / extra_file(self.rank)
+        same = meta.get("layout") == dataclasses.asdict(self.mesh.layout) and meta.get("world_size") == self.world
+        if not modules or not saved.exists():
+            return
+        if not same:
+            self._say("note: module extra state (FP8 scaling history) not restored: the layout changed")
+            return
+        state = torch.load(saved, weights_only=False)
+        for key, module in modules.items():
+            if key in state:
+                module.set_extra_state(state[key])
 
     def _restore_data(self, path: Path, meta: dict, step: int) -> None:
         """Check the packed loader continues the same sample stream at this step."""

@@ -77,3 +77,17 @@ def test_trains_on_a_preprocessed_packed_dataset(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6] and all("val_loss" in r for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capfd):
+    """A blown-up model gives non-finite losses: each such step is skipped with a warning, and after
+    train.max_bad_steps in a row the run stops with a message naming the step."""
+    import pytest
+
+    from megalysses.parallel.launch import RankFailure
+
+    with pytest.raises(RankFailure, match=r"2 non-finite steps in a row, the last at step 3; lower train.lr"):
+        main(["--config", str(QUICKSTART), f"logging.run_dir={tmp_path}", "layout=single", "train.nproc=1",
+              "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.max_bad_steps=2",
+              "train.steps=6", "train.eval_every=0"])
+    assert "warning: step 2: non-finite loss or gradient norm; step skipped" in capfd.readouterr().out

@@ -13,7 +13,7 @@ import torch
 from megalysses.parallel import collectives as C
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.pipeline import (AutogradStage, all_reduce_tied_gradients, local_virtual_stages, plan_rank,
-                                          run_steps, stage_layer_ids)
+                                          run_rounds, stage_layer_ids)
 from megalysses.parallel.sequence import token_weighted_loss
 
 from .config import GPTConfig
@@ -66,14 +66,16 @@ def chunk_forward(chunk: GPT, micro_batches: Sequence[MicroBatch], total_valid: 
 
 def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Sequence[MicroBatch], mesh: ParallelMesh,
                       total_valid: torch.Tensor, autocast: Optional[ContextManager] = None,
-                      backward: bool = True, sync_tied: bool = True) -> torch.Tensor:
+                      backward: bool = True, sync_tied: bool = True, coalesced: Optional[bool] = None) -> torch.Tensor:
     """Forward and backward of every micro-batch through the pipeline under `schedule`; returns this dp x sp
     rank's loss share (the same on every stage), with gradients accumulated and tied embeddings synchronised.
 
     total_valid: the valid-token count of the whole step (every micro-batch, over dp x sp), so the summed shares
     are the exact global mean. Afterwards sync gradients over dp x sp as without a pipeline. backward=False: the
     evaluation pass, forwards only (call it under torch.no_grad()). sync_tied=False leaves the tied-embedding
-    gradient sum to the caller (a gradient buffer that has already taken the gradients over).
+    gradient sum to the caller (a gradient buffer that has already taken the gradients over). coalesced: plan
+    for a backend whose p2p batches complete only as a whole (NCCL: lockstep rounds, every schedule runs); by
+    default whether this backend does; True on gloo runs the lockstep plan there too.
     """
     pp, vpp, rank = mesh.size("pp"), mesh.layout.vpp, mesh.rank("pp")
     if len(chunks) != vpp:
@@ -81,12 +83,13 @@ def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Seque
                          "with build_stage_chunks(cfg, mesh)")
     shape = _uniform_shape(micro_batches)  # (micro, s / sp)
     ids = micro_batches[0][0]
-    coalesced = pp > 1 and C.p2p_batches_coalesce(ids.device)
-    steps = plan_rank(schedule, pp, vpp, len(micro_batches), rank, backward, coalesced)  # proved by simulation
+    if coalesced is None:
+        coalesced = pp > 1 and C.p2p_batches_coalesce(ids.device)
+    rounds = plan_rank(schedule, pp, vpp, len(micro_batches), rank, backward, coalesced)  # proved by simulation
     autocast = autocast if autocast is not None else contextlib.nullcontext()
     stages = [AutogradStage(chunk_forward(c, micro_batches, total_valid, autocast)) for c in chunks]
     dtype = next(chunks[0].parameters()).dtype
-    losses = run_steps(steps, stages, mesh, boundary_shape(chunks[0], shape), dtype, ids.device)
+    losses = run_rounds(rounds, stages, mesh, boundary_shape(chunks[0], shape), dtype, ids.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=ids.device)
     for mb in sorted(losses):  # only the last stage has them
         loss_sum += losses[mb]

@@ -1,5 +1,6 @@
 """Pipeline parallelism on gloo ranks: every message arrives where the plan says, and GPT split into stages
-reproduces the single-device loss and every gradient (fp32) under GPipe, 1F1B and interleaved 1F1B, with TP, SP, DP.
+reproduces the single-device loss and every gradient (fp32) under GPipe, 1F1B and interleaved 1F1B, with TP, SP, DP,
+also with the lockstep rounds planned for NCCL.
 """
 import pytest
 import torch
@@ -10,7 +11,7 @@ from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.data import all_reduce_gradients
 from megalysses.parallel.launch import RankFailure, run_ranks
-from megalysses.parallel.pipeline import plan_rank, run_steps
+from megalysses.parallel.pipeline import plan_rank, plan_steps, run_rounds, run_steps, schedule_actions
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence
 from megalysses.parallel.tensor import gather_full
 from parity import SEED, make_batch, reference
@@ -55,18 +56,19 @@ def _tagged_runs(rank, world):
         assert C.all_reduce(torch.tensor([rank]), tied).item() == sum(tied.ranks)
         for name, vpps in (("gpipe", [1]), ("1f1b", [1]), ("interleaved-1f1b", [1, 2, 3])):
             for vpp in vpps:
-                for m in range(1, 7):
+                for m, lockstep in ((m, lockstep) for m in range(1, 7) for lockstep in (False, True)):
                     if vpp > 1 and m % pp:
                         continue
-                    steps = plan_rank(name, pp, vpp, m, me)
+                    rounds = plan_rank(name, pp, vpp, m, me, coalesced=lockstep)
                     stages = [Tagged(c * pp + me, pp * vpp - 1, (2, 3)) for c in range(vpp)]
-                    run_steps(steps, stages, mesh, torch.Size((2, 3)), torch.float32, torch.device("cpu"))
+                    run_rounds(rounds, stages, mesh, torch.Size((2, 3)), torch.float32, torch.device("cpu"))
                     runs += 1
     return runs
 
 
 def test_every_message_reaches_its_planned_receive_on_gloo():  # and the tied-embedding groups are right
-    assert run_ranks(_tagged_runs, 4) == [sum(3 * 6 + 2 * (6 // pp) for pp in (2, 4))] * 4  # 44 runs
+    # every plan twice: each send posted with the next receive, and the lockstep rounds planned for NCCL
+    assert run_ranks(_tagged_runs, 4) == [2 * sum(3 * 6 + 2 * (6 // pp) for pp in (2, 4))] * 4  # 88 runs
 
 
 class WrongShape(Tagged):
@@ -77,8 +79,8 @@ class WrongShape(Tagged):
 def _wrong_boundary(rank, world):
     mesh = ParallelMesh(ParallelLayout(pp=2))
     me = mesh.rank("pp")
-    run_steps(plan_rank("1f1b", 2, 1, 2, me), [WrongShape(me, 1, (2, 3))], mesh, torch.Size((2, 3)), torch.float32,
-              torch.device("cpu"))
+    steps = plan_steps(schedule_actions("1f1b", 2, 1, 2, me), me, 2, 1)  # run_steps: the rounds of plain steps
+    run_steps(steps, [WrongShape(me, 1, (2, 3))], mesh, torch.Size((2, 3)), torch.float32, torch.device("cpu"))
 
 
 def test_a_stage_output_off_the_boundary_shape_fails_fast():
@@ -99,7 +101,7 @@ def _micro_batches(batch, mesh: ParallelMesh):
     return list(zip(*(t.split(MICRO_BATCH_SIZE) for t in (ids, pos, labels))))
 
 
-def _pipeline_parity(rank, world, cfg, layout):
+def _pipeline_parity(rank, world, cfg, layout, coalesced=None):
     mesh = ParallelMesh(layout)
     chunks = build_stage_chunks(cfg, mesh)
     for chunk in chunks:
@@ -107,14 +109,14 @@ def _pipeline_parity(rank, world, cfg, layout):
     batch = make_batch(cfg, MICRO_BATCHES * MICRO_BATCH_SIZE * mesh.size("dp"), SEQ, packed=True, ignore_tail=3)
     micro = _micro_batches(batch, mesh)
     total = count_valid_tokens(torch.cat([labels for _, _, labels in micro]), mesh.group("dp", "sp"))
-    loss = run_pipeline_step(chunks, layout.schedule, micro, mesh, total)
+    loss = run_pipeline_step(chunks, layout.schedule, micro, mesh, total, coalesced=coalesced)
     params = [p for chunk in chunks for p in chunk.parameters()]
     all_reduce_gradients(params, mesh)
     loss = C.all_reduce(loss, mesh.group("dp", "sp")).item()
     grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")).numpy()  # numpy: pickled by value, not by fd
              for c in chunks for n, p in c.canonical_parameters()}
     with torch.no_grad():  # the evaluation pass: forwards only, same loss
-        evaluated = run_pipeline_step(chunks, layout.schedule, micro, mesh, total, backward=False)
+        evaluated = run_pipeline_step(chunks, layout.schedule, micro, mesh, total, backward=False, coalesced=coalesced)
     return loss, C.all_reduce(evaluated, mesh.group("dp", "sp")).item(), grads
 
 
@@ -148,9 +150,18 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("cfg,layout,world", LAYOUTS)
 def test_pipeline_matches_single_device(cfg, layout, world):
-    layout = ParallelLayout(**layout)
+    _check_parity(cfg, ParallelLayout(**layout), world)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_lockstep_plan_for_nccl_matches_single_device_on_gloo(pp):
+    """The lockstep rounds run_pipeline_step picks where p2p batches complete as a whole (NCCL), forced on gloo."""
+    _check_parity(TIED, ParallelLayout(pp=pp, **INTERLEAVED), pp, coalesced=True)
+
+
+def _check_parity(cfg, layout, world, coalesced=None):
     ref_loss, ref_grads = _reference(cfg, layout.resolve(world).dp)
-    results = run_ranks(_pipeline_parity, world, cfg, layout)
+    results = run_ranks(_pipeline_parity, world, cfg, layout, coalesced)
     seen = set()
     for loss, evaluated, grads in results:
         assert abs(loss - ref_loss) / abs(ref_loss) < 1e-6, (loss, ref_loss)

@@ -3,8 +3,9 @@ and the ideal bubble with unit compute times. Pure Python, no ranks: well under 
 import pytest
 
 from megalysses.parallel import LayoutError, ParallelLayout
-from megalysses.parallel.pipeline import (SCHEDULES, Action, PipelineHangError, ScheduleError, ideal_bubble_fraction,
-                                          micro_batch_count, plan_rank, plan_steps, schedule_actions, simulate, simulate_steps,
+from megalysses.parallel.pipeline import (SCHEDULES, Action, Message, PipelineHangError, Round, ScheduleError,
+                                          ideal_bubble_fraction, micro_batch_count, plan_rank, plan_steps,
+                                          rounds_of, schedule_actions, simulate, simulate_rounds, simulate_steps,
                                           stage_layer_ids)
 
 
@@ -29,8 +30,33 @@ def test_every_schedule_on_the_grid_finishes_matched_and_at_the_ideal_bubble():
             (name, pp, vpp, m)
         simulate(name, pp, vpp, m, forwards_only=True)  # the evaluation pass
         simulate(name, pp, vpp, m, duration=lambda a: 1.0 if a.kind == "F" else 2.0)  # backward twice as long
-        if vpp == 1:  # also where a send completes only with its batch (NCCL)
-            simulate(name, pp, vpp, m, coalesced=True)
+
+
+def test_lockstep_plans_finish_where_batches_complete_as_a_whole_on_the_grid():
+    """NCCL completes a batch of sends and receives only as a whole: the lockstep plan (what plan_rank gives with
+    coalesced=True) finishes every schedule on the grid, at the ideal bubble, also with uneven compute times."""
+    for name, pp, vpp, m in grid():
+        timeline = simulate(name, pp, vpp, m, coalesced=True)
+        assert [len(events) for events in timeline.events] == [2 * vpp * m] * pp
+        assert timeline.bubble_fraction == pytest.approx(ideal_bubble_fraction(name, pp, vpp, m), abs=1e-12), \
+            (name, pp, vpp, m)
+        simulate(name, pp, vpp, m, forwards_only=True, coalesced=True)
+        simulate(name, pp, vpp, m, duration=lambda a: 1.0 if a.kind == "F" else 2.0, coalesced=True)
+        simulate(name, pp, vpp, m, duration=lambda a: 1.0 + a.mb % 3 + a.chunk, coalesced=True)
+
+
+@pytest.mark.parametrize("name,pp,vpp,m", [("interleaved-1f1b", 2, 2, 4), ("interleaved-1f1b", 4, 3, 8),
+                                           ("interleaved-1f1b", 3, 2, 6), ("1f1b", 4, 1, 5), ("gpipe", 3, 1, 2)])
+def test_lockstep_rounds_pair_every_send_with_its_receive_in_the_same_round(name, pp, vpp, m):
+    plans = [plan_rank(name, pp, vpp, m, r, coalesced=True) for r in range(pp)]
+    assert len({len(rounds) for rounds in plans}) == 1  # every rank runs the same rounds
+    sends = sorted((i, r, dst, msg) for r, rounds in enumerate(plans) for i, rnd in enumerate(rounds)
+                   for msg, dst in rnd.sends)
+    recvs = sorted((i, src, r, msg) for r, rounds in enumerate(plans) for i, rnd in enumerate(rounds)
+                   for msg, src in rnd.recvs)
+    assert sends == recvs and len(sends) == 2 * (pp * vpp - 1) * m
+    steps = [[rnd.step for rnd in rounds if rnd.step is not None] for rounds in plans]
+    assert steps == [[rnd.step for rnd in plan_rank(name, pp, vpp, m, r) if rnd.step] for r in range(pp)]
 
 
 @pytest.mark.parametrize("name,pp,vpp,m", [(n, pp, vpp, m) for n, pp, vpp, m in grid() if pp <= 4 and m <= 8])
@@ -55,13 +81,22 @@ def test_timelines_print_one_row_per_rank():
     print(simulate("interleaved-1f1b", 2, 2, 4).format())
 
 
-def test_interleaved_is_refused_where_batches_complete_as_a_whole():
-    assert len(plan_rank("interleaved-1f1b", 2, 2, 4, 0)) == 16  # gloo: sends complete on their own
-    assert len(plan_rank("interleaved-1f1b", 2, 2, 4, 0, backward=False, coalesced=True)) == 8
-    with pytest.raises(PipelineHangError, match=r"interleaved-1f1b with pp=2 vpp=2 micro_batches=4 would deadlock "
-                                                r"where a batch .* \(NCCL\): deadlock: rank 0 at F3 waits for rank 1 to "
-                                                r"receive .*Use schedule '1f1b' or 'gpipe'"):
-        plan_rank("interleaved-1f1b", 2, 2, 4, 0, coalesced=True)
+def test_interleaved_posting_each_send_with_the_next_receive_deadlocks_where_batches_complete_as_a_whole():
+    """Why NCCL gets the lockstep plan: posting each send with the next receive (rounds_of, fine on gloo) deadlocks
+    interleaved 1F1B in 57 of the 78 grid cases once a send completes only with its batch."""
+    interleaved = [(pp, vpp, m) for name, pp, vpp, m in grid() if vpp > 1]
+    hangs = 0
+    for pp, vpp, m in interleaved:
+        try:
+            simulate("interleaved-1f1b", pp, vpp, m, coalesced=True, lockstep=False)
+        except PipelineHangError:
+            hangs += 1
+    assert (hangs, len(interleaved)) == (57, 78)
+    with pytest.raises(PipelineHangError, match=r"deadlock: rank 0 at F3 waits for rank 1 to receive "):
+        simulate("interleaved-1f1b", 2, 2, 4, coalesced=True, lockstep=False)
+    assert len(plan_rank("interleaved-1f1b", 2, 2, 4, 0)) == 17  # gloo: 16 steps, then the last send
+    assert len(plan_rank("interleaved-1f1b", 2, 2, 4, 0, coalesced=True)) == 19  # 18 time slots, then the last send
+    assert len(plan_rank("interleaved-1f1b", 2, 2, 4, 0, backward=False, coalesced=True)) == 10  # 9 slots
 
 
 def test_simulation_catches_a_deadlock_and_a_misordered_channel():
@@ -73,6 +108,16 @@ def test_simulation_catches_a_deadlock_and_a_misordered_channel():
                                                 r"rank 0, but send #0 on that channel is .*mb=1"):
         swapped = [Action("F", 0, 1), Action("F", 0, 0), Action("B", 0, 0), Action("B", 0, 1)]
         simulate_steps([plan_steps(swapped, 0, 2, 1), steps[1]])
+    early = [rounds_of(s) for s in steps]  # rank 1 runs F0 a round before it receives its input
+    first, second = early[1][:2]
+    early[1][:2] = [Round(step=first.step), Round(second.sends, first.recvs + second.recvs, second.step)]
+    with pytest.raises(PipelineHangError, match=r"rank 1 round 0 \(F0\) needs Message\(kind='act', stage=1, mb=0\), "
+                                                r"which no round up to this one receives"):
+        simulate_rounds(early)
+    with pytest.raises(PipelineHangError, match=r"deadlock: rank 0 in round 0 waits for rank 1 to receive .*'act'"):
+        simulate_rounds([[Round(sends=((Message("act", 1, 0), 1),))], [Round()]], coalesced=True)  # never received
+    with pytest.raises(PipelineHangError, match=r"channel 0 -> 1: 1 sends but 0 receives"):
+        simulate_rounds([[Round(sends=((Message("act", 1, 0), 1),))], [Round()]])  # gloo: the send completes alone
 
 
 @pytest.mark.parametrize("call,match", [

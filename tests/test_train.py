@@ -79,9 +79,9 @@ def test_trains_on_a_preprocessed_packed_dataset(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capfd):
-    """A blown-up model gives non-finite losses: each such step is skipped with a warning, and after
-    train.max_bad_steps in a row the run stops with a message naming the step."""
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    """A blown-up model gives non-finite losses: each such step is skipped, and after train.max_bad_steps in a
+    row the run stops with a message naming the step (steps 2 and 3 are the bad ones: step 1's update blew up)."""
     import pytest
 
     from megalysses.parallel.launch import RankFailure
@@ -90,4 +90,3 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capfd):
         main(["--config", str(QUICKSTART), f"logging.run_dir={tmp_path}", "layout=single", "train.nproc=1",
               "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.max_bad_steps=2",
               "train.steps=6", "train.eval_every=0"])
-    assert "warning: step 2: non-finite loss or gradient norm; step skipped" in capfd.readouterr().out

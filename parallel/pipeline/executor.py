@@ -12,7 +12,7 @@ import torch
 
 from .. import collectives as C
 from ..mesh import ParallelMesh
-from .plan import Step
+from .plan import Message, Round, Step, rounds_of
 
 
 class Stage(Protocol):
@@ -51,36 +51,55 @@ class AutogradStage:
 
 def run_steps(steps: Sequence[Step], stages: Sequence[Stage], mesh: ParallelMesh, boundary: torch.Size,
               dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
-    """Execute this rank's steps; returns the last virtual stage's outputs (losses) by micro-batch, if it has it.
+    """Execute this rank's steps, each send posted with the next receive (plan.rounds_of): see run_rounds."""
+    return run_rounds(rounds_of(list(steps)), stages, mesh, boundary, dtype, device)
 
-    Each step posts one batch: the previous step's send and this step's receive, then waits for the receive
-    only; sends complete in the background and are waited for at the end (a backend that completes batches as a
-    whole, NCCL, also waits for the send: plan_rank(..., coalesced=True) proves the plan under that rule). Every activation and gradient crossing
-    a stage boundary has shape `boundary` and `dtype`, so receive buffers are allocated before the data arrives.
+
+def run_rounds(rounds: Sequence[Round], stages: Sequence[Stage], mesh: ParallelMesh, boundary: torch.Size,
+               dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
+    """Execute this rank's rounds; returns the last virtual stage's outputs (losses) by micro-batch, if it has it.
+
+    Each round posts one batch: the outputs of earlier steps it sends and the inputs it receives, then waits for
+    the receives only; sends complete in the background and are waited for at the end (a backend that completes
+    batches as a whole, NCCL, also waits for the sends: plan_rank(..., coalesced=True) gives the lockstep plan
+    proved under that rule). Every activation and gradient crossing a stage boundary has shape `boundary` and
+    `dtype`, so receive buffers are allocated before the data arrives.
     """
     me = mesh.rank("pp")
     peer = lambda q: mesh.stage_neighbour(q - me)  # noqa: E731 - pipeline rank -> global rank, same dp/sp/tp
-    outgoing: list[tuple[torch.Tensor, int]] = []
+    produced: dict[Message, torch.Tensor] = {}  # outputs waiting for their round to be sent
+    received: dict[Message, torch.Tensor] = {}  # inputs waiting for their step
     in_flight: list[tuple[torch.Tensor, object]] = []  # (tensor, handle): alive until its send completes
     outputs: dict[int, torch.Tensor] = {}
-    for step in steps:
-        buffer = None if step.recv is None else torch.empty(boundary, dtype=dtype, device=device)
-        sends, recvs = C.post_p2p(outgoing, [] if buffer is None else [(buffer, peer(step.src))])
+    for rnd in rounds:
+        outgoing = [(produced.pop(message), peer(dst)) for message, dst in rnd.sends]
+        incoming = {message: torch.empty(boundary, dtype=dtype, device=device) for message, _ in rnd.recvs}
+        sends, recvs = C.post_p2p(outgoing, [(incoming[message], peer(src)) for message, src in rnd.recvs])
         in_flight += [(t, h) for (t, _), h in zip(outgoing, sends)]
         for handle in recvs:
             handle.wait()
-        stage = stages[step.action.chunk]
-        if step.action.kind == "F":
-            out = stage.forward(step.action.mb, buffer)
-            if step.send is None:
-                outputs[step.action.mb] = out
-        else:
-            out = stage.backward(step.action.mb, buffer)
-        outgoing = [] if step.send is None else [(_checked(out, boundary, dtype, step), peer(step.dst))]
-    sends, _ = C.post_p2p(outgoing, [])
-    for _, handle in in_flight + list(zip([t for t, _ in outgoing], sends)):
+        received.update(incoming)
+        step = rnd.step
+        if step is None:
+            continue
+        out = _run(step, stages, None if step.recv is None else received.pop(step.recv))
+        if step.send is not None:
+            produced[step.send] = _checked(out, boundary, dtype, step)
+        elif step.action.kind == "F":
+            outputs[step.action.mb] = out
+    for _, handle in in_flight:
         handle.wait()
+    if produced or received:
+        raise RuntimeError(f"the plan left {sorted(map(str, produced))} unsent and {sorted(map(str, received))} "
+                           "unused: plan_rank proves its plans, so these rounds came from elsewhere")
     return outputs
+
+
+def _run(step: Step, stages: Sequence[Stage], x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    stage = stages[step.action.chunk]
+    if step.action.kind == "F":
+        return stage.forward(step.action.mb, x)
+    return stage.backward(step.action.mb, x)
 
 
 def _checked(x: torch.Tensor, boundary: torch.Size, dtype: torch.dtype, step: Step) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""Throughput accounting (model FLOPs, MFU) and MetricsLog (metrics.jsonl + progress line; see sinks.py for all)."""
+"""Throughput accounting: model FLOPs per token and the peak rates MFU is measured against (sinks.py logs them)."""
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
+import torch
+
+from megalysses.config import RunConfig
 from megalysses.models.config import GPTConfig
-
-from .sinks import JsonlSink, ProgressLine, close_all
 
 PEAK_TFLOPS = {"cuda": 989.0, "cpu": None}  # dense bf16 H100/H200; no meaningful peak on CPU
 
@@ -22,21 +23,22 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     return 3 * (2 * linear + attention)
 
 
-class MetricsLog:
-    """Rank 0's metrics.jsonl and progress line: MetricsSinks without wandb and TensorBoard (enabled=False: no-op)."""
+class Throughput:
+    """Tokens/s, model TFLOP/s and MFU per device, and peak memory, over the steps since the last call."""
 
-    def __init__(self, run_dir: Path | str, enabled: bool, total_steps: int, start_step: int = 0):
-        self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.progress = ProgressLine(total_steps, start_step)
-        self.sinks: list = [JsonlSink(run_dir), self.progress] if enabled else []
+    def __init__(self, cfg: RunConfig, world: int, device: torch.device):
+        self.world, self.device = world, device
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * self.tokens_per_step
+        self.last_step, self.tic = 0, time.monotonic()
 
-    def log(self, step: int, metrics: dict) -> None:
-        for sink in self.sinks:
-            sink.log(step, metrics)
-
-    def line(self, step: int, metrics: dict) -> str:
-        return self.progress.line(step, metrics)
-
-    def close(self) -> None:
-        close_all(self.sinks)
+    def since_last(self, step: int) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed, steps = time.monotonic() - self.tic, step - self.last_step
+        self.last_step, self.tic = step, time.monotonic()
+        tflops = self.flops_per_step * steps / elapsed / self.world / 1e12
+        peak = PEAK_TFLOPS[self.device.type]
+        return {"tokens_per_s": self.tokens_per_step * steps / elapsed, "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None}

@@ -14,8 +14,6 @@ import logging
 import math
 import os
 import sys
-import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +29,7 @@ from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch,
 from .checkpoint import Checkpointer
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config, save_resolved
 from .data import PackedCorpus, build_dataset
-from .metrics import PEAK_TFLOPS, flops_per_token
+from .metrics import Throughput
 from .optim import build_data_parallel, lr_at
 from .signals import stop_agreed, stop_on_signals
 from .sinks import MetricsSinks, require_sinks
@@ -262,27 +260,6 @@ def check_finite(bad_steps: int, step: int, cfg: RunConfig, rank: int) -> None:
     if bad_steps >= cfg.train.max_bad_steps:
         raise FloatingPointError(f"{bad_steps} non-finite steps in a row, the last at step {step + 1}; "
                                  "lower train.lr or check the data")
-
-
-class Throughput:
-    """Tokens/s, model TFLOP/s and MFU per device, and peak memory, over the steps since the last call."""
-
-    def __init__(self, cfg: RunConfig, world: int, device: torch.device):
-        self.world, self.device = world, device
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-        self.flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * self.tokens_per_step
-        self.last_step, self.tic = 0, time.monotonic()
-
-    def since_last(self, step: int) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed, steps = time.monotonic() - self.tic, step - self.last_step
-        self.last_step, self.tic = step, time.monotonic()
-        tflops = self.flops_per_step * steps / elapsed / self.world / 1e12
-        peak = PEAK_TFLOPS[self.device.type]
-        return {"tokens_per_s": self.tokens_per_step * steps / elapsed, "tflops_per_device": tflops,
-                "mfu": tflops / peak if peak else None,
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None}
 
 
 def _rank_entry(rank: int, world: int, cfg: RunConfig) -> list[dict]:

@@ -1,7 +1,7 @@
 """ParallelLayout: the degrees of the 4D mesh (pp, dp, sp, tp), validated with errors that say how to fix them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 AXES = ("pp", "dp", "sp", "tp")  # outermost -> innermost: tp innermost keeps its traffic on the fastest links

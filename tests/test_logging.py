@@ -8,7 +8,6 @@ import pytest
 
 import megalysses.sinks as sinks
 from megalysses.config import ConfigError, load_run_config
-from megalysses.metrics import MetricsLog
 from megalysses.parallel.launch import run_ranks
 from megalysses.sinks import (MetricsSinks, ProgressLine, SinkUnavailable, format_duration, require_sinks,
                               wandb_key_configured, wandb_mode)
@@ -62,17 +61,6 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     with MetricsSinks(run_config(run_dir, *extras), rank=3) as log:
         log.log(1, STEP)
     assert not run_dir.exists() and capsys.readouterr().out == ""
-
-
-def test_metrics_log_keeps_its_api(tmp_path, capsys):
-    log = MetricsLog(tmp_path / "run", enabled=True, total_steps=3)
-    log.log(3, STEP)
-    log.close()
-    assert records(tmp_path / "run")[0]["loss"] == 2.5 and "step 3/3 | loss 2.5000" in capsys.readouterr().out
-    off = MetricsLog(tmp_path / "off", enabled=False, total_steps=3)
-    off.log(1, STEP)
-    off.close()
-    assert not (tmp_path / "off").exists()
 
 
 def test_eta_counts_only_the_steps_run_by_this_process(monkeypatch):

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import yaml
 
 from megalysses.config import load_run_config
 from megalysses.train import QUICKSTART, main

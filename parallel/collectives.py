@@ -28,6 +28,11 @@ class CommGroup:
         return CommGroup(pg=None, ranks=(0,), rank=0)
 
 
+# torch 2.13 renamed the fused tensor collectives (the old names warn as deprecated); older torch has only the old ones
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _whole(group: CommGroup) -> bool:
     return group.size == 1
 
@@ -45,11 +50,10 @@ def all_gather(x: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((group.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     if x.device.type == "cpu":  # gloo has no fused all-gather on every torch version: gather a list
         dist.all_gather(list(out.chunk(group.size)), x, group=group.pg)
     else:
-        gather_single(out, x, group=group.pg)
+        _all_gather_single(out, x, group=group.pg)
     if dim == 0:
         return out
     return torch.cat(out.chunk(group.size, dim=0), dim=dim)
@@ -70,8 +74,7 @@ def reduce_scatter(x: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Ten
         dist.all_reduce(reduced, group=group.pg)
         out.copy_(reduced.chunk(group.size)[group.rank])
     else:
-        scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        scatter_single(out, x, group=group.pg)
+        _reduce_scatter_single(out, x, group=group.pg)
     return out  # chunk r of the dim-0 stack is exactly chunk r along dim
 
 
@@ -180,8 +183,7 @@ def reduce_scatter_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
     if _whole(group):
         return Pending()
     _check_flat("reduce_scatter_flat_async", flat, group)
-    scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return Pending(scatter_single(flat.chunk(group.size)[group.rank], flat, group=group.pg, async_op=True))
+    return Pending(_reduce_scatter_single(flat.chunk(group.size)[group.rank], flat, group=group.pg, async_op=True))
 
 
 def all_gather_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
@@ -190,8 +192,7 @@ def all_gather_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
     if _whole(group):
         return Pending()
     _check_flat("all_gather_flat_async", flat, group)
-    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return Pending(gather_single(flat, flat.chunk(group.size)[group.rank], group=group.pg, async_op=True))
+    return Pending(_all_gather_single(flat, flat.chunk(group.size)[group.rank], group=group.pg, async_op=True))
 
 
 def _check_flat(name: str, flat: torch.Tensor, group: CommGroup) -> None:

@@ -74,6 +74,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     seed: int = 1234
     """Seed for parameter initialisation and everything random in the loop."""
+    init: Literal["canonical", "device"] = "canonical"
+    """'canonical': each full weight drawn on the CPU from (seed, name), so every layout starts from the same weights
+    (slow for billions of parameters); 'device': each rank draws its shards on its device (seconds; same
+    distribution, values depend on the layout)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the forward/backward pass; master weights and optimizer state stay float32."""
     fp8: Literal["none", "delayed", "current"] = "none"

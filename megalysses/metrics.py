@@ -1,4 +1,15 @@
-"""Throughput accounting: model FLOPs per token and the peak rates MFU is measured against (sinks.py logs them)."""
+"""Throughput accounting: model and hardware FLOPs per token, and the peak rates MFU is measured against.
+
+FLOP counting (BENCHMARKS.md repeats it): a matmul of (m, k) by (k, n) is 2mkn FLOPs. Forward, per token:
+  attention projections  L * 2 * d * (q + 2 kv + q)        q = heads * head_dim, kv = kv_heads * head_dim
+  attention core         L * 2 * S * heads * head_dim      QK^T and PV, 4 S heads head_dim, halved by the causal mask
+  MLP (SwiGLU)           L * 2 * 3 * d * f
+  LM head                2 * d * vocab
+Model FLOPs (MFU) = 3x forward (backward = 2x forward), whatever is recomputed. Hardware FLOPs add each forward that
+the memory savers re-run: full recompute one more block forward, selective one more attention core, MLP tiles one
+more MLP (on top of full recompute too: the tiles nest), loss tiles one more LM head. Norms, RoPE, softmax and the
+flash-attention backward's own recomputation of the scores are not counted.
+"""
 from __future__ import annotations
 
 import time
@@ -6,21 +17,52 @@ import time
 import torch
 
 from megalysses.config import RunConfig
-from megalysses.models.config import GPTConfig
+from megalysses.models.config import GPTConfig, MemoryConfig
 
 PEAK_TFLOPS = {"cuda": 989.0, "cpu": None}  # dense bf16 H100/H200; no meaningful peak on CPU
 
 
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), causal attention counted as half.
-
-    Forward per token: 2 * (matmul params) for the linear layers and LM head, plus per layer
-    2 * 2 * seq_len * heads * head_dim / 2 for QK^T and PV under a causal mask.
-    """
+def forward_flops_per_token(cfg: GPTConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token by part: attention projections, attention core (causal), MLP, LM head."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    linear = L * (d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * f) + cfg.vocab_size * d
-    attention = L * 2 * seq_len * cfg.num_heads * cfg.head_dim
-    return 3 * (2 * linear + attention)
+    return {"attn_proj": L * 2 * d * (2 * cfg.q_size + 2 * cfg.kv_size),
+            "attn_core": L * 2 * seq_len * cfg.num_heads * cfg.head_dim,
+            "mlp": L * 2 * 3 * d * f,
+            "head": 2 * d * cfg.vocab_size}
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Model training FLOPs per token: 3x the forward (forward + backward), causal attention counted as half."""
+    return 3 * sum(forward_flops_per_token(cfg, seq_len).values())
+
+
+def hardware_flops_per_token(cfg: GPTConfig, memory: MemoryConfig, seq_len: int) -> float:
+    """Training FLOPs per token the device executes: the model FLOPs plus the forwards the memory savers re-run."""
+    fwd = forward_flops_per_token(cfg, seq_len)
+    redo = 0.0
+    if memory.recompute == "full":
+        redo += fwd["attn_proj"] + fwd["attn_core"] + fwd["mlp"]
+    elif memory.recompute == "selective":
+        redo += fwd["attn_core"]
+    if memory.mlp_tiles > 1:
+        redo += fwd["mlp"]
+    if memory.loss_tiles > 1:
+        redo += fwd["head"]
+    return flops_per_token(cfg, seq_len) + redo
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> float:
+    """Measured dense bf16 matmul rate (n x n x n) on this GPU: the practical ceiling MFU is also reported against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize(device)
+    tic = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - tic) / 1e12
 
 
 class Throughput:

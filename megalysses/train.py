@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megalysses.models.gpt import GPT
+from megalysses.models.gpt import GPT, init_on_device
 from megalysses.models.pipeline import build_stage_chunks, run_pipeline_step, tied_parameters
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel import collectives as C
@@ -101,14 +101,20 @@ class Precision:
 
 
 def build_model(cfg: RunConfig, mesh: ParallelMesh, device: torch.device) -> torch.nn.ModuleList:
-    """This rank's model chunks (one, or one per virtual pipeline stage), on the device, initialised from the seed."""
-    if mesh.size("pp") > 1:
-        chunks = build_stage_chunks(cfg.model, mesh, memory=cfg.memory)
-    else:
-        chunks = [GPT(cfg.model, mesh, memory=cfg.memory)]
+    """This rank's model chunks (one, or one per virtual pipeline stage), on the device, initialised from the seed
+    (train.init: canonical full weights from the CPU, or shards drawn on the device, where they are also built)."""
+    on_device = cfg.train.init == "device"
+    with torch.device(device) if on_device else contextlib.nullcontext():
+        if mesh.size("pp") > 1:
+            chunks = build_stage_chunks(cfg.model, mesh, memory=cfg.memory)
+        else:
+            chunks = [GPT(cfg.model, mesh, memory=cfg.memory)]
     for chunk in chunks:
         chunk.to(device)
-        chunk.init_weights(cfg.train.seed)
+        if on_device:
+            init_on_device(chunk, cfg.train.seed)
+        else:
+            chunk.init_weights(cfg.train.seed)
     return torch.nn.ModuleList(chunks)
 
 

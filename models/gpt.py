@@ -159,15 +159,39 @@ class GPT(nn.Module):
             yield self.spec.canonical_name(name), p
 
 
-def full_init(name: str, shape, cfg: GPTConfig, seed: int) -> torch.Tensor:
-    """The full (unsharded) initial value of a parameter: norms 1, biases 0, weights N(0, std), residual
-    projections scaled by 1/sqrt(2L); drawn from a generator seeded by (seed, name)."""
+def init_rule(name: str, cfg: GPTConfig) -> tuple[str, float]:
+    """How a parameter starts, by canonical name: ('ones' | 'zeros' | 'normal', std). Norms 1, biases 0, weights
+    N(0, init_std), residual projections (attention out, MLP down) scaled by 1/sqrt(2L)."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return "ones", 0.0
     if name.endswith(".bias"):
-        return torch.zeros(shape)
+        return "zeros", 0.0
     std = cfg.init_std
     if name.endswith(("attn.out.weight", "mlp.down.weight")):
         std /= (2 * cfg.num_layers) ** 0.5
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=gen) * std
+    return "normal", std
+
+
+def _seed_of(name: str, seed: int) -> int:
+    return seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def full_init(name: str, shape, cfg: GPTConfig, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of a parameter, drawn on the CPU from a generator seeded by (seed, name):
+    every layout holds exactly the same weights."""
+    kind, std = init_rule(name, cfg)
+    if kind != "normal":
+        return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(_seed_of(name, seed))) * std
+
+
+@torch.no_grad()
+def init_on_device(model: GPT, seed: int = 0) -> None:
+    """Draw every local parameter (shard) on its own device by init_rule: seconds for billions of weights, the same
+    distribution as init_weights but not its values (and not layout-independent). For throughput runs."""
+    for name, p in model.canonical_parameters():
+        kind, std = init_rule(name, model.cfg)
+        if kind == "normal":
+            p.normal_(0.0, std, generator=torch.Generator(p.device).manual_seed(_seed_of(name, seed)))
+        else:
+            p.fill_(1.0 if kind == "ones" else 0.0)

@@ -1,6 +1,8 @@
 """Every torch.distributed collective the project uses, in one place (gloo/NCCL and API differences live here)."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -10,13 +12,64 @@ import torch.distributed as dist
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
+class CommClock:
+    """Exposed communication time by kind while started: how long the compute waits for each collective (CUDA
+    events on the current stream, which an NCCL call makes wait for its kernel; wall clock on CPU, where gloo
+    blocks the caller). Asynchronous collectives count only their wait(), i.e. what the overlap did not hide.
+    Kinds: 'all_to_all' (Ulysses), 'collective' (all-reduce, all-gather, reduce-scatter, broadcast), 'p2p'
+    (pipeline sends and receives; a receive's wait includes the pipeline bubble)."""
+
+    KINDS = ("all_to_all", "collective", "p2p")
+
+    def __init__(self, device_type: str = "cpu"):
+        self.device_type, self.running = device_type, False
+        self._spans: list[tuple[str, object, object]] = []
+        self._seconds = dict.fromkeys(self.KINDS, 0.0)
+
+    def start(self) -> None:
+        """Zero the totals and begin timing."""
+        self._spans, self._seconds, self.running = [], dict.fromkeys(self.KINDS, 0.0), True
+
+    def stop(self) -> dict[str, float]:
+        """Stop timing; returns seconds by kind (synchronises the device to read the CUDA events)."""
+        self.running = False
+        if self._spans:
+            torch.cuda.synchronize()
+            for kind, start, end in self._spans:
+                self._seconds[kind] += start.elapsed_time(end) / 1e3
+            self._spans = []
+        return dict(self._seconds)
+
+    @contextmanager
+    def span(self, kind: str):
+        """Time the enclosed communication as `kind` (a no-op unless started)."""
+        if not self.running:
+            yield
+        elif self.device_type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._spans.append((kind, start, end))
+        else:
+            tic = time.perf_counter()
+            yield
+            self._seconds[kind] += time.perf_counter() - tic
+
+
+def _timed(clock: Optional[CommClock], kind: str):
+    return clock.span(kind) if clock is not None and clock.running else nullcontext()
+
+
 @dataclass(frozen=True, eq=False)
 class CommGroup:
-    """A process group with its size, this process's rank in it, and the global ranks it spans."""
+    """A process group with its size, this process's rank in it, the global ranks it spans, and the mesh's clock
+    (None outside a mesh) that times its collectives when started."""
 
     pg: Optional[dist.ProcessGroup]
     ranks: tuple[int, ...]
     rank: int
+    clock: Optional[CommClock] = None
 
     @property
     def size(self) -> int:
@@ -40,7 +93,8 @@ def _whole(group: CommGroup) -> bool:
 def all_reduce(x: torch.Tensor, group: CommGroup, op: str = "sum") -> torch.Tensor:
     """All-reduce in place over the group; returns x."""
     if not _whole(group):
-        dist.all_reduce(x, op=_OPS[op], group=group.pg)
+        with _timed(group.clock, "collective"):
+            dist.all_reduce(x, op=_OPS[op], group=group.pg)
     return x
 
 
@@ -50,10 +104,11 @@ def all_gather(x: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((group.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if x.device.type == "cpu":  # gloo has no fused all-gather on every torch version: gather a list
-        dist.all_gather(list(out.chunk(group.size)), x, group=group.pg)
-    else:
-        _all_gather_single(out, x, group=group.pg)
+    with _timed(group.clock, "collective"):
+        if x.device.type == "cpu":  # gloo has no fused all-gather on every torch version: gather a list
+            dist.all_gather(list(out.chunk(group.size)), x, group=group.pg)
+        else:
+            _all_gather_single(out, x, group=group.pg)
     if dim == 0:
         return out
     return torch.cat(out.chunk(group.size, dim=0), dim=dim)
@@ -69,12 +124,13 @@ def reduce_scatter(x: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Ten
         x = torch.cat(x.chunk(group.size, dim=dim), dim=0)
     x = x.contiguous()
     out = torch.empty((x.shape[0] // group.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if x.device.type == "cpu":  # gloo: reduce the whole tensor, keep our chunk
-        reduced = x.clone()
-        dist.all_reduce(reduced, group=group.pg)
-        out.copy_(reduced.chunk(group.size)[group.rank])
-    else:
-        _reduce_scatter_single(out, x, group=group.pg)
+    with _timed(group.clock, "collective"):
+        if x.device.type == "cpu":  # gloo: reduce the whole tensor, keep our chunk
+            reduced = x.clone()
+            dist.all_reduce(reduced, group=group.pg)
+            out.copy_(reduced.chunk(group.size)[group.rank])
+        else:
+            _reduce_scatter_single(out, x, group=group.pg)
     return out  # chunk r of the dim-0 stack is exactly chunk r along dim
 
 
@@ -97,7 +153,8 @@ def all_to_all_stacked(send: torch.Tensor, group: CommGroup) -> torch.Tensor:
         return send
     send = send.contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.pg)
+    with _timed(group.clock, "all_to_all"):
+        dist.all_to_all_single(recv, send, group=group.pg)
     return recv
 
 
@@ -107,14 +164,17 @@ def all_to_all_uneven(x: torch.Tensor, group: CommGroup, send_sizes: Sequence[in
         return x
     x = x.contiguous()
     out = torch.empty((sum(recv_sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_to_all_single(out, x, output_split_sizes=list(recv_sizes), input_split_sizes=list(send_sizes), group=group.pg)
+    with _timed(group.clock, "all_to_all"):
+        dist.all_to_all_single(out, x, output_split_sizes=list(recv_sizes), input_split_sizes=list(send_sizes),
+                               group=group.pg)
     return out
 
 
 def broadcast(x: torch.Tensor, group: CommGroup, src_group_rank: int = 0) -> torch.Tensor:
     """Broadcast x in place from the group's rank src_group_rank."""
     if not _whole(group):
-        dist.broadcast(x, src=group.ranks[src_group_rank], group=group.pg)
+        with _timed(group.clock, "collective"):
+            dist.broadcast(x, src=group.ranks[src_group_rank], group=group.pg)
     return x
 
 
@@ -127,12 +187,13 @@ def send_recv(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[t
             work.wait()
 
 
-def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
-             ) -> tuple[list[dist.Work], list[dist.Work]]:
+def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
+             clock: Optional[CommClock] = None) -> tuple[list["Pending"], list["Pending"]]:
     """Post isend/irecv (peers are global ranks) as one batch and return at once: (send handles, receive handles).
 
     wait() a receive handle before reading its buffer, a send handle before changing or freeing its tensor. A
-    backend that coalesces a batch (NCCL) gives one handle for the whole batch: every entry is that handle.
+    backend that coalesces a batch (NCCL) gives one handle for the whole batch: every entry waits for that one.
+    The waits are timed as 'p2p' on `clock` (the mesh's) when it runs.
     """
     ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
@@ -141,7 +202,8 @@ def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[to
     works = dist.batch_isend_irecv(ops)
     if len(works) != len(ops):  # coalesced: one handle completes the batch
         works = [works[0]] * len(ops)
-    return works[:len(sends)], works[len(sends):]
+    handles = [Pending(w, clock, "p2p") for w in works]
+    return handles[:len(sends)], handles[len(sends):]
 
 
 def p2p_batches_coalesce(device: torch.device) -> bool:
@@ -159,14 +221,16 @@ def barrier(group: CommGroup) -> None:
 
 
 class Pending:
-    """An in-flight collective: wait() blocks until it is done (a no-op for a group of one, or when already waited)."""
+    """An in-flight collective: wait() blocks until it is done (a no-op for a group of one, or when already waited);
+    the wait is what a running clock counts."""
 
-    def __init__(self, work=None):
-        self._work = work
+    def __init__(self, work=None, clock: Optional[CommClock] = None, kind: str = "collective"):
+        self._work, self._clock, self._kind = work, clock, kind
 
     def wait(self) -> None:
         if self._work is not None:
-            self._work.wait()
+            with _timed(self._clock, self._kind):
+                self._work.wait()
             self._work = None
 
 
@@ -174,7 +238,7 @@ def all_reduce_async(x: torch.Tensor, group: CommGroup, op: str = "sum") -> Pend
     """Start an in-place all-reduce of x over the group; x holds the result once the handle's wait() returns."""
     if _whole(group):
         return Pending()
-    return Pending(dist.all_reduce(x, op=_OPS[op], group=group.pg, async_op=True))
+    return Pending(dist.all_reduce(x, op=_OPS[op], group=group.pg, async_op=True), group.clock)
 
 
 def reduce_scatter_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
@@ -183,7 +247,8 @@ def reduce_scatter_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
     if _whole(group):
         return Pending()
     _check_flat("reduce_scatter_flat_async", flat, group)
-    return Pending(_reduce_scatter_single(flat.chunk(group.size)[group.rank], flat, group=group.pg, async_op=True))
+    return Pending(_reduce_scatter_single(flat.chunk(group.size)[group.rank], flat, group=group.pg, async_op=True),
+                   group.clock)
 
 
 def all_gather_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
@@ -192,7 +257,8 @@ def all_gather_flat_async(flat: torch.Tensor, group: CommGroup) -> Pending:
     if _whole(group):
         return Pending()
     _check_flat("all_gather_flat_async", flat, group)
-    return Pending(_all_gather_single(flat, flat.chunk(group.size)[group.rank], group=group.pg, async_op=True))
+    return Pending(_all_gather_single(flat, flat.chunk(group.size)[group.rank], group=group.pg, async_op=True),
+                   group.clock)
 
 
 def _check_flat(name: str, flat: torch.Tensor, group: CommGroup) -> None:

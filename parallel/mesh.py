@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from .collectives import CommGroup
+from .collectives import CommClock, CommGroup
 from .layout import AXES, ParallelLayout
 
 
@@ -64,12 +64,13 @@ class ParallelMesh:
         self.global_rank = dist.get_rank()
         self.device_type = device_type
         self.device_mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+        self.clock = CommClock(device_type)  # times every collective of this mesh's groups while started
         self.coords = dict(zip(AXES, coords_of(self.global_rank, self.shape)))
         self._groups: dict[tuple[str, ...], CommGroup] = {}
         for axis in AXES:
             pg = self.device_mesh.get_group(axis)
             ranks = tuple(dist.get_process_group_ranks(pg))
-            self._groups[(axis,)] = CommGroup(pg, ranks, ranks.index(self.global_rank))
+            self._groups[(axis,)] = CommGroup(pg, ranks, ranks.index(self.global_rank), self.clock)
         for axes in self.COMBINED:
             self._groups[axes] = self._new_combined_group(axes)
         self._embedding_group = self._new_embedding_group()
@@ -78,7 +79,7 @@ class ParallelMesh:
         members = group_members(self.shape, axes)
         pg, _ = dist.new_subgroups_by_enumeration(members)
         mine = next(tuple(m) for m in members if self.global_rank in m)
-        return CommGroup(pg, mine, mine.index(self.global_rank))
+        return CommGroup(pg, mine, mine.index(self.global_rank), self.clock)
 
     def _new_embedding_group(self) -> CommGroup:
         """First and last pipeline stage with equal dp/sp/tp coordinates (every rank creates every group, in order)."""
@@ -91,7 +92,7 @@ class ParallelMesh:
         mine = next((tuple(m) for m in members if self.global_rank in m), None)
         if mine is None:  # a middle stage: holds no embedding
             return CommGroup(None, (self.global_rank,), 0)
-        return CommGroup(pg, mine, mine.index(self.global_rank))
+        return CommGroup(pg, mine, mine.index(self.global_rank), self.clock)
 
     @classmethod
     def single_device(cls, device_type: str = "cpu") -> "ParallelMesh":
@@ -102,6 +103,7 @@ class ParallelMesh:
         self.global_rank = 0
         self.device_type = device_type
         self.device_mesh = None
+        self.clock = CommClock(device_type)
         self.coords = dict.fromkeys(AXES, 0)
         self._groups = {axes: CommGroup.solo() for axes in [(a,) for a in AXES] + list(self.COMBINED)}
         self._embedding_group = CommGroup.solo()

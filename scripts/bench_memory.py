@@ -24,14 +24,13 @@ import gc
 import statistics
 import sys
 import time
-import zlib
 from contextlib import contextmanager
 
 import torch
 
 from megalysses.config import load_model_config
 from megalysses.models.config import GPTConfig, MemoryConfig
-from megalysses.models.gpt import GPT
+from megalysses.models.gpt import GPT, init_on_device
 from megalysses.parallel.mesh import ParallelMesh
 
 
@@ -58,23 +57,6 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-@torch.no_grad()
-def init_on_device(model: GPT, seed: int) -> None:
-    """Seeded init drawn on the parameters' own device (fast for billions of weights): norms 1, biases 0, weights
-    N(0, init_std), residual projections scaled by 1/sqrt(2L) -- the rules of gpt.full_init, not its values."""
-    cfg = model.cfg
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        else:
-            std = cfg.init_std / ((2 * cfg.num_layers) ** 0.5 if name.endswith(("attn.out.weight", "mlp.down.weight"))
-                                  else 1.0)
-            gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            p.normal_(0.0, std, generator=gen)
 
 
 def build(cfg: GPTConfig, memory: MemoryConfig, device: torch.device, dtype: torch.dtype) -> GPT:

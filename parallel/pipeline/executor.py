@@ -74,7 +74,8 @@ def run_rounds(rounds: Sequence[Round], stages: Sequence[Stage], mesh: ParallelM
     for rnd in rounds:
         outgoing = [(produced.pop(message), peer(dst)) for message, dst in rnd.sends]
         incoming = {message: torch.empty(boundary, dtype=dtype, device=device) for message, _ in rnd.recvs}
-        sends, recvs = C.post_p2p(outgoing, [(incoming[message], peer(src)) for message, src in rnd.recvs])
+        sends, recvs = C.post_p2p(outgoing, [(incoming[message], peer(src)) for message, src in rnd.recvs],
+                                  mesh.clock)
         in_flight += [(t, h) for (t, _), h in zip(outgoing, sends)]
         for handle in recvs:
             handle.wait()

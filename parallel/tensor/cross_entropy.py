@@ -13,21 +13,22 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, vocab_valid, group):
         # logits: (n, V_local) this rank's vocab columns [vocab_start, vocab_start + V_local); targets: (n,)
-        z = logits.float()
-        if vocab_valid < z.shape[-1]:  # padded vocab columns are never predicted
+        z = logits.float()  # one fp32 (n, V_local) buffer, worked on in place: the largest tensor of the step
+        if z.data_ptr() == logits.data_ptr():
             z = z.clone()
+        if vocab_valid < z.shape[-1]:  # padded vocab columns are never predicted
             z[:, vocab_valid:] = float("-inf")
         zmax = C.all_reduce(z.max(dim=-1).values, group, op="max")
-        z = z - zmax.unsqueeze(-1)
+        z.sub_(zmax.unsqueeze(-1))
         local = targets - vocab_start
         mine = (local >= 0) & (local < z.shape[-1])
         local = local.masked_fill(~mine, 0)
         target_logit = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
         C.all_reduce(target_logit, group)
-        exp = z.exp()
-        sum_exp = C.all_reduce(exp.sum(dim=-1), group)
+        z.exp_()
+        sum_exp = C.all_reduce(z.sum(dim=-1), group)
         loss = sum_exp.log() - target_logit
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, mine)
+        ctx.save_for_backward(z.div_(sum_exp.unsqueeze(-1)), local, mine)  # softmax
         ctx.in_dtype = logits.dtype
         return loss
 

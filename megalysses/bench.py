@@ -1,7 +1,7 @@
 """megalysses-bench: time whole training steps of a model + layout at one or more sequence lengths on the devices
 present, and print one table row per length (BENCHMARKS.md holds measured rows with their commands).
 
-    torchrun --nproc-per-node 4 -m megalysses.bench --config bench-gpu model=llama-3-8b layout=sp4 \\
+    torchrun --nproc-per-node 4 -m megalysses.bench --config gpu-bench model=llama-3-8b layout=sp4 \\
         --seq-lens 32768,131072
     megalysses-bench                # CPU check of the command: tiny model on 4 gloo ranks (tp2 x sp2), no real speed
 
@@ -246,7 +246,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     parser.add_argument("--profile", type=Path, default=None, help="folder for one profiled step per length")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
     return args

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from megalysses.parallel.fused import fused
+
 from .config import RopeScaling
 
 
@@ -36,8 +38,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+@fused
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (b, s, h, head_dim) by the angles in cos / sin (b, s, 1, head_dim); half-split (HF) convention.
-    The result keeps x's dtype (under autocast x may be bf16 while cos / sin are float32)."""
+    The result keeps x's dtype (under autocast x may be bf16 while cos / sin are float32). One kernel on CUDA."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin

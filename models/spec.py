@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalysses.parallel.fused import fused
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -23,7 +24,13 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel = mesh.layout.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x), the normalisation in float32, the result in x's dtype times weight; one kernel on CUDA."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def torch_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of BENCHMARKS.md, suite by suite: each line is one megalysses-bench run (one model + layout, one or
 # more sequence lengths), printing its table rows. Extra arguments go to every run (e.g. --steps 3 --profile prof/).
-#   scripts/bench_gpu.sh one-gpu     # 1 GPU: Llama-3.2-1B @ 8K per backend/core; 8B geometry (8 layers) TE bf16 vs FP8
+#   scripts/bench_gpu.sh one-gpu     # 1 GPU: Llama-3.2-1B @ 8K per backend/core; 8B geometry (16 layers) TE bf16 vs FP8
 #   scripts/bench_gpu.sh scaling     # 1 and 2 GPUs: weak scaling of the 8B geometry (8 layers) with Ulysses
 #   scripts/bench_gpu.sh four-gpu    # 4 GPUs: Llama-3-8B sp4 at 32K and 128K; the longest sequence with the savers
 # TE rows need transformer_engine, 'flash' rows flash-attn-4 (../shared/DEVICE.md says how to stage both).
@@ -11,26 +11,27 @@ shift
 bench() {  # bench NPROC ARGS...: one megalysses-bench run on NPROC GPUs
   local n=$1
   shift
-  echo "+ torchrun --nproc-per-node $n -m megalysses.bench --config bench-gpu $*"
-  torchrun --standalone --nproc-per-node "$n" -m megalysses.bench --config bench-gpu "$@" \
+  echo "+ torchrun --nproc-per-node $n -m megalysses.bench --config gpu-bench $*"
+  torchrun --standalone --nproc-per-node "$n" -m megalysses.bench --config gpu-bench "$@" \
     || echo "(that run failed: exit $?)"
 }
 one_b="model=llama-3.2-1b train.global_batch_size=8 train.micro_batch_size=1 --seq-lens 8192"
 stack="model=llama-3-8b model.num_layers=8 train.global_batch_size=4 train.micro_batch_size=1"
+deep="model=llama-3-8b model.num_layers=16 train.global_batch_size=4 train.micro_batch_size=1"
 case $suite in
   one-gpu)
     bench 1 $one_b model.attention_core=sdpa "$@"
     bench 1 $one_b model.attention_core=flash "$@"
     bench 1 $one_b model.backend=te model.attention_core=te "$@"
-    bench 1 $one_b model.backend=te model.attention_core=te train.fp8=delayed "$@"
-    bench 1 $stack model.backend=te model.attention_core=te --seq-lens 8192 "$@"
-    bench 1 $stack model.backend=te model.attention_core=te train.fp8=delayed --seq-lens 8192 "$@"
-    bench 1 $stack model.backend=te model.attention_core=te train.fp8=current --seq-lens 8192 "$@"
+    bench 1 $one_b model.backend=te model.attention_core=flash "$@"
+    bench 1 $one_b model.backend=te model.attention_core=flash train.fp8=delayed "$@"
+    bench 1 $deep model.backend=te model.attention_core=flash --seq-lens 8192 "$@"
+    bench 1 $deep model.backend=te model.attention_core=flash train.fp8=delayed --seq-lens 8192 "$@"
     ;;
   scaling)
     long="model.max_seq_len=131072 train.global_batch_size=1 memory.loss_tiles=4"
-    bench 1 $stack $long layout=single --seq-lens 32768 "$@"
-    bench 2 $stack $long layout=sp2 layout.zero=1 --seq-lens 65536 "$@"
+    bench 1 $stack $long model.attention_core=flash layout=single --seq-lens 32768 "$@"
+    bench 2 $stack $long model.attention_core=flash layout=sp2 layout.zero=1 --seq-lens 65536 "$@"
     ;;
   four-gpu)
     full="model=llama-3-8b model.max_seq_len=4194304 layout=sp4 layout.zero=3"

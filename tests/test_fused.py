@@ -45,6 +45,7 @@ def test_fused_runs_the_function_itself_on_cpu():
 
 
 def _chains(device, dtype):
+    """(x, cos, sin, h, w): RoPE input and angles, SwiGLU / RMSNorm input and norm weight."""
     torch.manual_seed(0)
     x = torch.randn(2, 64, 4, 32, device=device, dtype=dtype, requires_grad=True)
     angles = torch.randn(2, 64, 1, 32, device=device)
@@ -53,16 +54,35 @@ def _chains(device, dtype):
     return x, angles.cos(), angles.sin(), h, w
 
 
+def test_chains_run_eagerly_on_cpu_in_both_modes():
+    x, cos, sin, h, w = _chains("cpu", torch.float32)
+    a = _run_chains(*_leaves((x, cos, sin, h, w), torch.float32), compiled=True)
+    b = _run_chains(*_leaves((x, cos, sin, h, w), torch.float32), compiled=False)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))  # on CPU the "compiled" call is the function itself
+
+
+def _run_chains(x, cos, sin, h, w, compiled: bool) -> list[torch.Tensor]:
+    """Outputs of the three chains and the gradients of a sum of squares of them."""
+    pick = (lambda f: f) if compiled else (lambda f: f.eager)
+    ys = [pick(apply_rope)(x, cos, sin), pick(swiglu)(h), pick(rms_norm)(h[..., :48], w, 1e-5)]
+    sum((y.float() ** 2).sum() for y in ys).backward()
+    return [y.detach().float() for y in ys] + [t.grad.float() for t in (x, h, w)]
+
+
+def _leaves(tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_chains_match_eager_on_cuda(dtype):
-    outs = {}
-    for mode in ("compiled", "eager"):
-        x, cos, sin, h, w = _chains("cuda", dtype)
-        pick = (lambda f: f) if mode == "compiled" else (lambda f: f.eager)
-        ys = [pick(apply_rope)(x, cos, sin), pick(swiglu)(h), pick(rms_norm)(h[..., :48], w, 1e-5)]
-        sum((y.float() ** 2).sum() for y in ys).backward()
-        outs[mode] = ys + [x.grad, h.grad, w.grad]
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for a, b in zip(outs["compiled"], outs["eager"]):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
+def test_compiled_chains_are_as_accurate_as_eager_on_cuda(dtype):
+    """Against a float64 reference, the fused kernels err no more than the eager chain in the same dtype (they keep
+    intermediates in float32, so in bf16 they are usually closer)."""
+    inputs = _chains("cuda", torch.float32)
+    reference = _run_chains(*_leaves(inputs, torch.float64), compiled=False)
+    compiled = _run_chains(*_leaves(inputs, dtype), compiled=True)
+    eager = _run_chains(*_leaves(inputs, dtype), compiled=False)
+    for ref, c, e in zip(reference, compiled, eager):
+        scale = ref.abs().max().item()
+        err_c, err_e = ((c - ref).abs().max().item() / scale, (e - ref).abs().max().item() / scale)
+        assert err_c <= 2 * err_e + (1e-6 if dtype == torch.float32 else 1e-3), (err_c, err_e)

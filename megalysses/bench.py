@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -38,12 +37,11 @@ import torch.distributed as dist
 
 from megalysses.parallel import collectives as C
 from megalysses.parallel import ParallelMesh
-from megalysses.parallel.launch import run_ranks
 
 from .config import ConfigError, RunConfig, load_run_config
 from .metrics import PEAK_TFLOPS, flops_per_token, hardware_flops_per_token, matmul_tflops
 from .optim import build_data_parallel
-from .train import QUICKSTART, Batcher, Precision, build_model, train_step
+from .train import QUICKSTART, Batcher, Precision, build_model, launch, train_step, under_torchrun
 
 COLUMNS = ("setup", "layout", "dev", "seq", "tok/step", "s/step", "tok/s", "TFLOP/s", "MFU", "MFU/ceil",
            "HW TFLOP/s", "peak GiB", "a2a", "coll", "p2p")
@@ -256,29 +254,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_run_config(args.config, ["train.init=device"] + list(args.overrides))
-        under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-        world = int(os.environ["WORLD_SIZE"]) if under_torchrun else cfg.train.nproc
+        world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else cfg.train.nproc
         for seq_len in args.seq_lens or [cfg.train.seq_len]:
             dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len)).check(world)
     except (ConfigError, FileNotFoundError) as err:
         print(f"megalysses-bench: config error: {err}", file=sys.stderr)
         return 2
-    if under_torchrun:
-        backend = "nccl" if cfg.train.device == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        try:
-            run_bench(cfg, args)
-        finally:
-            dist.destroy_process_group()
-        return 0
-    if cfg.train.device == "cuda":
-        print("megalysses-bench: device cuda needs one process per GPU: start it with "
-              "torchrun --nproc-per-node N -m megalysses.bench ...", file=sys.stderr)
-        return 2
-    run_ranks(_rank_entry, cfg.train.nproc, cfg, args, timeout=24 * 3600.0)
-    return 0
+    return launch("megalysses-bench", "megalysses.bench", cfg, run_bench, _rank_entry, args)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ FLOP counting (BENCHMARKS.md repeats it): a matmul of (m, k) by (k, n) is 2mkn F
   MLP (SwiGLU)           L * 2 * 3 * d * f
   LM head                2 * d * vocab
 Model FLOPs (MFU) = 3x forward (backward = 2x forward), whatever is recomputed. Hardware FLOPs add each forward that
-the memory savers re-run: full recompute one more block forward, selective one more attention core, MLP tiles one
-more MLP (on top of full recompute too: the tiles nest), loss tiles one more LM head. Norms, RoPE, softmax and the
-flash-attention backward's own recomputation of the scores are not counted.
+the memory savers re-run: full recompute one more block forward, around_core one more block forward except the
+attention core, selective one more attention core, MLP tiles one more MLP (on top of a recomputed block too: the
+tiles nest), loss tiles one more LM head. Norms, RoPE, softmax and the flash-attention backward's own recomputation
+of the scores are not counted.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def hardware_flops_per_token(cfg: GPTConfig, memory: MemoryConfig, seq_len: int)
     redo = 0.0
     if memory.recompute == "full":
         redo += fwd["attn_proj"] + fwd["attn_core"] + fwd["mlp"]
+    elif memory.recompute == "around_core":
+        redo += fwd["attn_proj"] + fwd["mlp"]
     elif memory.recompute == "selective":
         redo += fwd["attn_core"]
     if memory.mlp_tiles > 1:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -280,32 +280,42 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-        cfg.check(int(os.environ["WORLD_SIZE"]) if under_torchrun else cfg.train.nproc)
-        require_sinks(cfg.logging)  # a missing wandb / tensorboard package stops here, before any rank starts
-    except (ConfigError, FileNotFoundError) as err:  # config mistakes stop here, before any heavy work
-        print(f"megalysses-train: config error: {err}", file=sys.stderr)
-        return 2
-    if under_torchrun:
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher) started this process as one rank of a job."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch(prog: str, module: str, cfg: RunConfig, run: Callable, rank_entry: Callable, *args) -> int:
+    """run(cfg, *args) on every rank: under torchrun in this process (NCCL on CUDA, gloo on CPU); otherwise on
+    train.nproc self-spawned gloo CPU ranks through rank_entry(rank, world, cfg, *args) (module-level, picklable)."""
+    if under_torchrun():
         backend = "nccl" if cfg.train.device == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         try:
-            train(cfg)
+            run(cfg, *args)
         finally:
             dist.destroy_process_group()
         return 0
     if cfg.train.device == "cuda":
-        print("megalysses-train: device cuda needs one process per GPU: start it with "
-              "torchrun --nproc-per-node N -m megalysses.train ...", file=sys.stderr)
+        print(f"{prog}: device cuda needs one process per GPU: start it with "
+              f"torchrun --nproc-per-node N -m {module} ...", file=sys.stderr)
         return 2
-    run_ranks(_rank_entry, cfg.train.nproc, cfg, timeout=7 * 24 * 3600.0)
+    run_ranks(rank_entry, cfg.train.nproc, cfg, *args, timeout=7 * 24 * 3600.0)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        cfg.check(int(os.environ["WORLD_SIZE"]) if under_torchrun() else cfg.train.nproc)
+        require_sinks(cfg.logging)  # a missing wandb / tensorboard package stops here, before any rank starts
+    except (ConfigError, FileNotFoundError) as err:  # config mistakes stop here, before any heavy work
+        print(f"megalysses-train: config error: {err}", file=sys.stderr)
+        return 2
+    return launch("megalysses-train", "megalysses.train", cfg, train, _rank_entry)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class GPTConfig:
         return self.num_layers * block + emb + d
 
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "around_core", "full")
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,13 @@ class MemoryConfig:
     """Activation checkpointing: 'full' keeps only each block's input and recomputes the block in backward;
     'selective' recomputes only the attention core, inside the Ulysses head-sharded region, so the all-to-alls are
     not re-run (it saves the core's output and softmax statistics, and the (s, s) scores where a core materialises
-    them); 'none' keeps everything."""
+    them); 'around_core' recomputes everything in the block except the attention core, whose inputs and output are
+    kept, and no all-to-all re-runs (with a flash-style core the cheapest recompute at long sequences, where the
+    core dominates the FLOPs); 'none' keeps everything."""
     offload_activations: bool = False
     """Move the inputs of every recomputed region (each block's input under 'full', the head-sharded q, k, v under
-    'selective') to pinned host memory until backward needs them; needs recompute != 'none'."""
+    'selective', the block's input and the attention output under 'around_core') to pinned host memory until
+    backward needs them; needs recompute != 'none'."""
     mlp_tiles: int = 1
     """Run the pre-MLP norm and the SwiGLU MLP over this many sequence tiles, each recomputed in backward, so only one
     tile's (tile, intermediate_size / tp) activations exist at once; 1 = off."""
@@ -132,5 +135,5 @@ class MemoryConfig:
                 raise ModelConfigError(f"memory.{name} = {getattr(self, name)}: must be >= 1 (1 turns tiling off)")
         if self.offload_activations and self.recompute == "none":
             raise ModelConfigError("memory.offload_activations = true offloads the inputs of recomputed regions, and "
-                                   "memory.recompute = 'none' recomputes nothing: set memory.recompute to 'full' or "
-                                   "'selective'")
+                                   "memory.recompute = 'none' recomputes nothing: set memory.recompute to 'full', "
+                                   "'around_core' or 'selective'")

@@ -42,15 +42,21 @@ class Attention(nn.Module):
         self.offload = memory.offload_activations
 
     def forward(self, x, cos, sin, docs):
+        return self.out(self.attend(*self.project(x, cos, sin), docs).flatten(2))
+
+    def project(self, x, cos, sin):
+        """(b, s/sp, d) -> q (b, s/sp, h/tp, hd), k and v (b, s/sp, kv/tp, hd), q and k rotated."""
         b, s = x.shape[0], cos.shape[1]  # s: this SP rank's tokens (the qkv layer gathers a TP-sharded sequence)
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
-        q = apply_rope(q.view(b, s, self.heads, self.head_dim), cos, sin)  # (b, s/sp, h/tp, hd)
+        q = apply_rope(q.view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
-        v = v.view(b, s, self.kv_heads, self.head_dim)
+        return q, k, v.view(b, s, self.kv_heads, self.head_dim)
+
+    def attend(self, q, k, v, docs):
+        """Ulysses attention: all-to-all, the core on whole sequences, all-to-all back -> (b, s/sp, h/tp, hd)."""
         core = recomputed(self.core, self.offload) if self.recompute_core else self.core
-        o = ulysses_attention(core, q, k, v, self.sp_group, docs=docs, scale=self.scale)  # (b, s/sp, h/tp, hd)
-        return self.out(o.flatten(2))
+        return ulysses_attention(core, q, k, v, self.sp_group, docs=docs, scale=self.scale)
 
 
 class MLP(nn.Module):
@@ -79,10 +85,25 @@ class Block(nn.Module):
         self.mlp_norm = spec.mlp_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
         self.mlp = MLP(cfg, spec, mesh)
         self.mlp_tiles = memory.mlp_tiles
+        self.around_core = memory.recompute == "around_core"
+        self.offload = memory.offload_activations
 
     def forward(self, x, cos, sin, docs):
+        if self.around_core:  # keep the core's inputs and output; recompute the rest of the block from x and o
+            q, k, v = recompute(self.normed_projection, x, cos, sin, offload=self.offload)
+            o = self.attn.attend(q, k, v, docs)
+            return recompute(self.after_core, x, o, offload=self.offload)
         x = x + self.attn(self.attn_norm(x), cos, sin, docs)
         return x + map_sequence_tiles(self.norm_mlp, self.mlp_tiles, x)  # token-wise: tiles over the sequence
+
+    def normed_projection(self, x, cos, sin):
+        """Pre-attention norm, QKV projection and RoPE."""
+        return self.attn.project(self.attn_norm(x), cos, sin)
+
+    def after_core(self, x, o):
+        """Attention output projection and residual, then the MLP half of the block."""
+        x = x + self.attn.out(o.flatten(2))
+        return x + map_sequence_tiles(self.norm_mlp, self.mlp_tiles, x)
 
     def norm_mlp(self, x):
         """Pre-MLP norm + SwiGLU MLP: token-wise, so it may run over sequence tiles."""

@@ -27,6 +27,7 @@ def test_model_flops_of_llama3_8b_by_hand():
     (MemoryConfig(), ()),
     (MemoryConfig(recompute="selective"), ("attn_core",)),
     (MemoryConfig(recompute="full"), ("attn_proj", "attn_core", "mlp")),
+    (MemoryConfig(recompute="around_core", mlp_tiles=2), ("attn_proj", "mlp", "mlp")),
     (MemoryConfig(recompute="full", mlp_tiles=4, loss_tiles=8), ("attn_proj", "attn_core", "mlp", "mlp", "head")),
     (MemoryConfig(mlp_tiles=2), ("mlp",)),
 ])

@@ -25,6 +25,8 @@ B, S = 2, 30
 SAVERS = {
     "selective": MemoryConfig(recompute="selective"),
     "selective+offload": MemoryConfig(recompute="selective", offload_activations=True),
+    "around_core": MemoryConfig(recompute="around_core"),
+    "around_core+offload+tiles": MemoryConfig(recompute="around_core", offload_activations=True, mlp_tiles=3),
     "full": MemoryConfig(recompute="full"),
     "full+offload": MemoryConfig(recompute="full", offload_activations=True),
     "mlp_tiles": MemoryConfig(mlp_tiles=4),
@@ -113,6 +115,10 @@ def test_savers_drop_what_they_say():
     kept, calls = census(MemoryConfig(recompute="full"))
     assert kept == [] and calls["block"] == 2 * layers  # only the inputs, saved by the caller; whole block re-run
 
+    kept, calls = census(MemoryConfig(recompute="around_core"))
+    assert calls == {"block": layers, "core": layers, "mlp": 2 * layers}  # all but the core runs again
+    assert (B, heads, S) in kept and not any(f in s for s in kept)  # the core's statistics; no MLP activation
+
     kept, calls = census(MemoryConfig(mlp_tiles=3))
     assert not any(f in s for s in kept) and calls["mlp"] == 2 * 3 * layers  # no MLP activation; each tile re-run
 
@@ -133,6 +139,10 @@ def test_offload_moves_exactly_the_recomputed_inputs(monkeypatch):
     packed.clear()
     single_device(CFG, batch, MemoryConfig(recompute="selective", offload_activations=True))
     assert packed == [(B, S, CFG.num_heads, hd), (B, S, CFG.num_kv_heads, hd), (B, S, CFG.num_kv_heads, hd)] * 2
+    packed.clear()
+    single_device(CFG, batch, MemoryConfig(recompute="around_core", offload_activations=True))
+    x, angle, o = (B, S, CFG.hidden_size), (B, S, 1, hd), (B, S, CFG.num_heads, hd)
+    assert packed == [x, angle, angle, x, o] * CFG.num_layers  # the projection's x, cos, sin; the rest's x and o
 
 
 class LargestLogits(TorchDispatchMode):
@@ -172,11 +182,11 @@ def test_without_labels_the_logits_are_returned():
 
 
 def test_memory_config_errors_and_run_config_section(tmp_path):
-    with pytest.raises(ModelConfigError, match=r"memory.recompute = 'some'.*none, selective, full"):
+    with pytest.raises(ModelConfigError, match=r"memory.recompute = 'some'.*none, selective, around_core, full"):
         MemoryConfig(recompute="some")
     with pytest.raises(ModelConfigError, match=r"memory.loss_tiles = 0: must be >= 1"):
         MemoryConfig(loss_tiles=0)
-    with pytest.raises(ModelConfigError, match=r"set memory.recompute to 'full' or 'selective'"):
+    with pytest.raises(ModelConfigError, match=r"set memory.recompute to 'full', 'around_core' or 'selective'"):
         MemoryConfig(offload_activations=True)
     assert RunConfig().memory == MemoryConfig()
     run = tmp_path / "run.yaml"
@@ -224,7 +234,8 @@ def savers_on_rank(rank, world, cfg, layout, batch, memories):
     return out
 
 
-RANK_SAVERS = [SAVERS["selective+offload"], MemoryConfig(mlp_tiles=3), MemoryConfig(loss_tiles=4), SAVERS["all"]]
+RANK_SAVERS = [SAVERS["selective+offload"], MemoryConfig(mlp_tiles=3), MemoryConfig(loss_tiles=4), SAVERS["all"],
+               SAVERS["around_core+offload+tiles"]]
 
 
 @pytest.mark.parametrize("layout,tokens_per_rank", [

@@ -39,9 +39,9 @@ from megalysses.parallel import collectives as C
 from megalysses.parallel import ParallelMesh
 
 from .config import ConfigError, RunConfig, load_run_config
-from .metrics import PEAK_TFLOPS, flops_per_token, hardware_flops_per_token, matmul_tflops
-from .optim import build_data_parallel
-from .train import QUICKSTART, Batcher, Precision, build_model, launch, train_step, under_torchrun
+from .metrics import flops_per_token, hardware_flops_per_token, matmul_tflops, mfu
+from .train import (QUICKSTART, Batcher, Precision, build_model_and_optimizer, launch, rank_device, train_step,
+                    under_torchrun)
 
 COLUMNS = ("setup", "layout", "dev", "seq", "tok/step", "s/step", "tok/s", "TFLOP/s", "MFU", "MFU/ceil",
            "HW TFLOP/s", "peak GiB", "a2a", "coll", "p2p")
@@ -58,6 +58,11 @@ def describe_setup(cfg: RunConfig) -> str:
     return " ".join([f"{size}/{m.num_layers}L", m.backend, m.attention_core, precision] + savers)
 
 
+def with_seq_len(cfg: RunConfig, seq_len: int) -> RunConfig:
+    """The run config at another sequence length."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len))
+
+
 def random_rows(cfg: RunConfig, mesh: ParallelMesh, seq_len: int, seed: int):
     """This dp rank's (ids, labels, positions), each (global_batch / dp, seq_len): uniform random tokens."""
     gen = torch.Generator().manual_seed(seed)
@@ -71,11 +76,7 @@ class Bench:
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device, self.world = cfg, device, dist.get_world_size()
-        self.mesh = ParallelMesh(cfg.check(self.world), device_type=device.type)
-        torch.manual_seed(cfg.train.seed + dist.get_rank())
-        self.chunks = build_model(cfg, self.mesh, device)
-        self.sync, self.optimizer = build_data_parallel(
-            self.chunks, self.mesh, cfg.train, shard_modules=[b for c in self.chunks for b in c.blocks.values()])
+        self.mesh, self.chunks, self.sync, self.optimizer = build_model_and_optimizer(cfg, device)
         self.precision = Precision(cfg, self.mesh, device)
         self.everyone = C.CommGroup(None, tuple(range(self.world)), dist.get_rank())  # the default group
         self.ceiling = matmul_tflops(device) if device.type == "cuda" else None
@@ -90,7 +91,7 @@ class Bench:
 
     def measure(self, seq_len: int, steps: int, warmup: int, profile: Optional[Path] = None) -> dict:
         """Warm up, time `steps` training steps at this length; the row as a dict (identical on every rank)."""
-        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seq_len=seq_len))
+        cfg = with_seq_len(self.cfg, seq_len)
         cfg.check(self.world)
         batches = Batcher(cfg, self.mesh, self.device).micro_batches(*random_rows(cfg, self.mesh, seq_len, seq_len))
         if self.device.type == "cuda":
@@ -121,11 +122,10 @@ class Bench:
         tokens = cfg.train.global_batch_size * seq_len
         tflops = flops_per_token(cfg.model, seq_len) * tokens / step_s / self.world / 1e12
         hw = hardware_flops_per_token(cfg.model, cfg.memory, seq_len) * tokens / step_s / self.world / 1e12
-        peak = PEAK_TFLOPS[self.device.type]
         return {"setup": describe_setup(cfg), "layout": self.mesh.layout.describe(), "dev": self.world,
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "seq": seq_len, "tok/step": tokens, "s/step": step_s, "tok/s": tokens / step_s / self.world,
-                "TFLOP/s": tflops, "MFU": tflops / peak if peak else None,
+                "TFLOP/s": tflops, "MFU": mfu(tflops, self.device.type),
                 "MFU/ceil": tflops / self.ceiling if self.ceiling else None, "ceiling TFLOP/s": self.ceiling,
                 "HW TFLOP/s": hw, "peak GiB": peak_gib if self.device.type == "cuda" else None,
                 **{key: comm_s[kind] / step_s for key, kind in zip(("a2a", "coll", "p2p"), C.CommClock.KINDS)},
@@ -203,7 +203,7 @@ def table_row(row: dict) -> str:
 def run_bench(cfg: RunConfig, args: argparse.Namespace) -> list[dict]:
     """Every requested length on this rank, printing rows (rank 0) as they finish; returns the rows."""
     rank = dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.device == "cuda" else torch.device("cpu")
+    device = rank_device(cfg)
     bench = Bench(cfg, device)
     if rank == 0:
         ceiling = f"{bench.ceiling:.0f} TFLOP/s measured bf16 matmul" if bench.ceiling else "no matmul ceiling on CPU"
@@ -256,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_run_config(args.config, ["train.init=device"] + list(args.overrides))
         world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else cfg.train.nproc
         for seq_len in args.seq_lens or [cfg.train.seq_len]:
-            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len)).check(world)
+            with_seq_len(cfg, seq_len).check(world)
     except (ConfigError, FileNotFoundError) as err:
         print(f"megalysses-bench: config error: {err}", file=sys.stderr)
         return 2

@@ -23,6 +23,12 @@ from megalysses.models.config import GPTConfig, MemoryConfig
 PEAK_TFLOPS = {"cuda": 989.0, "cpu": None}  # dense bf16 H100/H200; no meaningful peak on CPU
 
 
+def mfu(tflops_per_device: float, device_type: str):
+    """Model FLOPs utilisation against the dense bf16 peak of the device type (None where there is none: CPU)."""
+    peak = PEAK_TFLOPS[device_type]
+    return tflops_per_device / peak if peak else None
+
+
 def forward_flops_per_token(cfg: GPTConfig, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token by part: attention projections, attention core (causal), MLP, LM head."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
@@ -83,7 +89,6 @@ class Throughput:
         elapsed, steps = time.monotonic() - self.tic, step - self.last_step
         self.last_step, self.tic = step, time.monotonic()
         tflops = self.flops_per_step * steps / elapsed / self.world / 1e12
-        peak = PEAK_TFLOPS[self.device.type]
         return {"tokens_per_s": self.tokens_per_step * steps / elapsed, "tflops_per_device": tflops,
-                "mfu": tflops / peak if peak else None,
+                "mfu": mfu(tflops, self.device.type),
                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None}

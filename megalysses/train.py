@@ -194,15 +194,25 @@ class Run:
     checkpoints: Checkpointer
 
 
-def build_run(cfg: RunConfig) -> Run:
-    """Mesh, model, gradient sync + optimizer, data and checkpointing for this rank."""
-    layout = cfg.check(dist.get_world_size())
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.device == "cuda" else torch.device("cpu")
-    mesh = ParallelMesh(layout, device_type=device.type)
+def rank_device(cfg: RunConfig) -> torch.device:
+    """This rank's device: its current GPU under train.device = cuda, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if cfg.train.device == "cuda" else torch.device("cpu")
+
+
+def build_model_and_optimizer(cfg: RunConfig, device: torch.device):
+    """(mesh, model chunks, gradient sync, optimizer) for this rank, seeded per rank."""
+    mesh = ParallelMesh(cfg.check(dist.get_world_size()), device_type=device.type)
     torch.manual_seed(cfg.train.seed + dist.get_rank())
     chunks = build_model(cfg, mesh, device)
     sync, optimizer = build_data_parallel(chunks, mesh, cfg.train,
                                           shard_modules=[b for c in chunks for b in c.blocks.values()])
+    return mesh, chunks, sync, optimizer
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Mesh, model, gradient sync + optimizer, data and checkpointing for this rank."""
+    device = rank_device(cfg)
+    mesh, chunks, sync, optimizer = build_model_and_optimizer(cfg, device)
     data = StepData(cfg, mesh)
     checkpoints = Checkpointer(cfg, mesh, chunks, sync, optimizer, loaders=getattr(data, "loaders", {}))
     return Run(cfg, mesh, device, chunks, sync, optimizer, data, Batcher(cfg, mesh, device),

@@ -82,7 +82,8 @@ class TrainConfig:
     """Compute dtype of the forward/backward pass; master weights and optimizer state stay float32."""
     fp8: Literal["none", "delayed", "current"] = "none"
     """FP8 matmuls through Transformer Engine recipes (needs model.backend 'te'): 'delayed' or 'current' scaling,
-    amax reduced over every rank of a pipeline stage; 'none' computes in train.dtype."""
+    amax reduced over every rank of a pipeline stage ('delayed' calibrates its scales on the first batch when no
+    checkpoint brings them back); 'none' computes in train.dtype."""
     eval_every: int = 50
     """Steps between validation runs; 0 disables validation."""
     eval_steps: int = 4

@@ -239,9 +239,22 @@ def train(cfg: RunConfig) -> list[dict]:
         return training_loop(run, start, log, stop)
 
 
+def calibrate_fp8_scales(run: Run, step: int) -> None:
+    """FP8 delayed scaling begins every tensor at scale 1, where the first step's gradients (about 1e-6 per element,
+    below E5M2's smallest subnormal 1.5e-5) flush to zero: that step would train only the layers outside FP8, and
+    the FP8 run's curve leaves bf16's from there. One forward and backward of the step's batch, its gradients
+    discarded, fills every amax history first, so the first real step runs on measured scales."""
+    batches = run.batcher.micro_batches(*run.data.rows(step))
+    total = count_valid_tokens(torch.cat([b[2] for b in batches]), run.mesh.group("dp", "sp"))
+    forward_backward(run.chunks, run.sync, batches, run.mesh, total, run.precision)
+    run.optimizer.zero_grad()
+
+
 def training_loop(run: Run, start: int, log: MetricsSinks, stop) -> list[dict]:
     """batch -> schedule -> loss -> grad sync -> clip -> step -> log -> eval -> checkpoint, from step `start`."""
     cfg, rank = run.cfg, dist.get_rank()
+    if cfg.train.fp8 == "delayed" and start < cfg.train.steps and not run.checkpoints.extra_restored:
+        calibrate_fp8_scales(run, start)
     throughput = Throughput(cfg, dist.get_world_size(), run.device)
     throughput.last_step = start
     records, bad_steps = [], 0

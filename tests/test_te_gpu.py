@@ -70,19 +70,23 @@ def fp8_scales(extra_file) -> dict[str, torch.Tensor]:
     return scales
 
 
+FP8_STEPS = 300
+
+
 @pytest.fixture(scope="module")
 def fp8_and_bf16_runs(tmp_path_factory):
-    """150 steps of the smoke model with TE layers on 2 GPUs (tp2), in bf16 and in FP8 (delayed scaling)."""
+    """300 steps of the smoke model with TE layers on 2 GPUs (tp2), in bf16 and in FP8 (delayed scaling)."""
     tmp = tmp_path_factory.mktemp("fp8")
-    bf16 = train(tmp / "bf16", 2, "layout=tp2", "model.backend=te", "train.steps=150")
-    fp8 = train(tmp / "fp8", 2, "layout=tp2", "model.backend=te", "train.fp8=delayed", "train.steps=150")
+    steps = f"train.steps={FP8_STEPS}"
+    bf16 = train(tmp / "bf16", 2, "layout=tp2", "model.backend=te", steps)
+    fp8 = train(tmp / "fp8", 2, "layout=tp2", "model.backend=te", "train.fp8=delayed", steps)
     return tmp, bf16, fp8
 
 
 @pytest.mark.skipif(gpus() < 2, reason="needs 2 GPUs")
 def test_fp8_amax_is_reduced_over_tensor_parallel_ranks(fp8_and_bf16_runs):
     tmp, _, fp8 = fp8_and_bf16_runs
-    ckpt = tmp / "fp8" / "checkpoints" / "step-150"
+    ckpt = tmp / "fp8" / "checkpoints" / f"step-{FP8_STEPS}"
     rank0, rank1 = (fp8_scales(ckpt / extra_file(r)) for r in (0, 1))
     assert rank0 and rank0.keys() == rank1.keys()
     # the two tp ranks hold different weight shards (and the row-parallel layers different inputs): only an amax
@@ -97,10 +101,20 @@ def window(records: list[dict], a: int, b: int) -> float:
 
 
 @pytest.mark.skipif(gpus() < 2, reason="needs 2 GPUs")
-@pytest.mark.xfail(strict=False, reason="measured on 2 x H200: over steps 120-150 the FP8 run's loss is 0.22 (10%) "
-                                        "away from bf16 (bf16 2.095); open in the TE issue")
 def test_fp8_loss_follows_bf16(fp8_and_bf16_runs):
+    """Every 50-step window after the first: the FP8 mean loss within 5% of bf16's (two bf16 runs that differ only
+    in kernel rounding, TE vs torch layers, drift 2.3% apart over the same 300 steps; scripts/check_fp8_training.py)."""
     _, bf16, fp8 = fp8_and_bf16_runs
-    gap = abs(window(fp8, 120, 150) - window(bf16, 120, 150))
-    assert gap < 0.05 * window(bf16, 120, 150), [[round(window(rs, i, i + 10), 3) for i in range(0, 150, 10)]
-                                                 for rs in (bf16, fp8)]
+    windows = [(a, a + 50) for a in range(50, FP8_STEPS, 50)]
+    gaps = [abs(window(fp8, a, b) - window(bf16, a, b)) / window(bf16, a, b) for a, b in windows]
+    assert max(gaps) < 0.05, [(f"{a + 1}-{b}", round(window(bf16, a, b), 4), round(window(fp8, a, b), 4))
+                              for a, b in windows]
+
+
+def test_fp8_first_step_trains_every_layer(tmp_path):
+    """The first FP8 step's gradient norm is bf16's: delayed scaling starts from calibrated scales, not from 1 (at
+    scale 1 the FP8 layers' gradients flush to zero in E5M2 and the norm falls to about half)."""
+    one = ["layout=single", "model.backend=te", "train.steps=1"]
+    bf16 = train(tmp_path / "bf16", 1, *one)
+    fp8 = train(tmp_path / "fp8", 1, *one, "train.fp8=delayed")
+    assert fp8[0]["grad_norm"] == pytest.approx(bf16[0]["grad_norm"], rel=0.1), (bf16[0], fp8[0])

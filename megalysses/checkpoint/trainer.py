@@ -57,6 +57,7 @@ class Checkpointer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
             torch.device("cpu")
         self.skipped: list[str] = []  # checkpoints resume() passed over, and why
+        self.extra_restored = False  # whether resume() brought back modules' extra state (TE FP8 scaling history)
 
     # ---------------------------------------------------------------------------------------------------- save
 
@@ -237,6 +238,9 @@ class Checkpointer:
         for key, module in modules.items():
             if key in state:
                 module.set_extra_state(state[key])
+                # a module that never ran in FP8 saves an empty tensor: nothing came back for it
+                blob = state[key]
+                self.extra_restored |= blob is not None and not (isinstance(blob, torch.Tensor) and blob.numel() == 0)
 
     def _restore_data(self, path: Path, meta: dict, step: int) -> None:
         """Check the packed loader continues the same sample stream at this step."""

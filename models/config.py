@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 
 class ModelConfigError(ValueError):
@@ -102,14 +102,15 @@ class GPTConfig:
         return self.num_layers * block + emb + d
 
 
-RECOMPUTE = ("none", "selective", "around_core", "full")
+Recompute = Literal["none", "selective", "around_core", "full"]
+RECOMPUTE = get_args(Recompute)
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     """Activation-memory savers for long sequences; each one leaves the loss and every gradient unchanged."""
 
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Recompute = "none"
     """Activation checkpointing: 'full' keeps only each block's input and recomputes the block in backward;
     'selective' recomputes only the attention core, inside the Ulysses head-sharded region, so the all-to-alls are
     not re-run (it saves the core's output and softmax statistics, and the (s, s) scores where a core materialises

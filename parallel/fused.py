@@ -14,11 +14,19 @@ import os
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 logger = logging.getLogger("megalysses")
 
 ENABLED = os.environ.get("MEGALYSSES_FUSED", "1") != "0"
 """MEGALYSSES_FUSED=0 turns fusion off (every chain runs eagerly, also on CUDA): for debugging and A/B timing."""
+
+
+PASS_THROUGH = tuple(t for t in (torch.OutOfMemoryError,
+                                 getattr(torch.utils.checkpoint, "_StopRecomputationError", None)) if t is not None)
+"""Exceptions that cross a compiled chain without being compile failures: out of memory, and the early stop of a
+non-reentrant checkpoint's recomputation (raised from a saved-tensor hook inside the chain once backward has every
+tensor it needs, e.g. at RoPE, the last op recomputed under memory.recompute=around_core)."""
 
 
 def fused(fn: Callable) -> Callable:
@@ -33,9 +41,9 @@ def fused(fn: Callable) -> Callable:
             state["compiled"] = torch.compile(fn, fullgraph=True, dynamic=None)
         try:
             return state["compiled"](*args, **kwargs)
+        except PASS_THROUGH:
+            raise
         except Exception as err:  # compile-time failure: this chain stays eager from now on
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
             state["failed"] = True
             logger.warning("fused %s: torch.compile failed (%s: %s); running it eagerly", fn.__name__,
                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")

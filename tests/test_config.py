@@ -7,7 +7,7 @@ import yaml
 
 from megalysses.config import (CONFIG_DIR, ConfigError, RunConfig, TrainConfig, bundled, from_dict,
                                load_layout, load_model_config, load_run_config, save_resolved, to_dict)
-from megalysses.models.config import GPTConfig, RopeScaling
+from megalysses.models.config import RECOMPUTE, GPTConfig, RopeScaling
 from megalysses.parallel.layout import ParallelLayout
 
 QUICKSTART = CONFIG_DIR / "runs" / "quickstart.yaml"
@@ -267,3 +267,9 @@ def test_from_dict_direct():
     assert from_dict(TrainConfig, {"lr": 1, "steps": 3}, "x").lr == 1.0
     with pytest.raises(ConfigError, match=r"^x: train\.steps: expected int, got 3\.5 \(float\)$"):
         from_dict(TrainConfig, {"steps": 3.5}, "x", "train")
+
+
+@pytest.mark.parametrize("mode", RECOMPUTE)
+def test_every_recompute_mode_is_accepted_from_the_command_line(mode):
+    cfg = load_run_config("quickstart", [f"memory.recompute={mode}"])
+    assert cfg.memory.recompute == mode

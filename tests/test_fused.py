@@ -8,7 +8,8 @@ from megalysses.models.gpt import swiglu
 from megalysses.models.rope import apply_rope
 from megalysses.models.spec import rms_norm
 from megalysses.parallel.collectives import CommGroup
-from megalysses.parallel.fused import fused
+from megalysses.parallel import fused as fused_module
+from megalysses.parallel.fused import PASS_THROUGH, fused
 from megalysses.parallel.tensor import vocab_parallel_cross_entropy
 
 
@@ -42,6 +43,41 @@ def test_fused_runs_the_function_itself_on_cpu():
 
     assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0)) and calls == [1]
     assert double.eager is double.__wrapped__
+
+
+class _CudaLike:
+    """Stands for a CUDA tensor as a chain's first argument (the chain compiles only for those)."""
+    is_cuda = True
+
+
+@pytest.mark.parametrize("signal", PASS_THROUGH)
+def test_recomputation_stop_and_oom_cross_a_compiled_chain(monkeypatch, signal):
+    """The checkpoint's early stop (and OOM) raised inside a compiled chain reach the caller; the chain stays
+    compiled (a compile failure would run it eagerly again, past the stop: backward then fails)."""
+    raised = []
+
+    def compiled(*args, **kwargs):
+        raised.append(signal)
+        raise signal()
+
+    monkeypatch.setattr(fused_module, "ENABLED", True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled)
+    eager_calls = []
+    chain = fused(lambda x: eager_calls.append(x))
+    for _ in range(2):
+        with pytest.raises(signal):
+            chain(_CudaLike())
+    assert len(raised) == 2 and eager_calls == []
+
+
+def test_a_chain_that_fails_to_compile_runs_eagerly(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(fused_module, "ENABLED", True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    chain = fused(lambda x: "eager")
+    assert chain(_CudaLike()) == "eager" and chain(_CudaLike()) == "eager"
 
 
 def _chains(device, dtype):

@@ -38,7 +38,7 @@ case $suite in
     bench 4 $full train.global_batch_size=4 memory.loss_tiles=8 --seq-lens 32768 "$@"
     bench 4 $full memory.recompute=around_core memory.mlp_tiles=4 memory.loss_tiles=8 --seq-lens 131072 "$@"
     # the longest sequences: everything recomputed, block inputs in host memory; one step at 1M tokens is about
-    # 1.2e18 FLOPs (~9 minutes on 4 H200s), so it runs once, without warm-up
+    # 9e17 model FLOPs (~11 minutes on 4 H200s at the 512K row's rate), so it runs once, without warm-up
     savers="memory.recompute=full memory.offload_activations=true memory.mlp_tiles=16 memory.loss_tiles=32"
     bench 4 $full $savers --seq-lens 262144,524288 --steps 1 --warmup 1 "$@"
     bench 4 $full $savers --seq-lens 1048576 --steps 1 --warmup 0 "$@"

@@ -1,12 +1,11 @@
 """GPU checks of the layer backends and attention cores (run on 2 GPUs):
 
-    torchrun --nproc-per-node 2 scripts/check_backends_gpu.py --sections parity,cores,fp8,throughput
+    torchrun --nproc-per-node 2 scripts/check_backends_gpu.py --sections parity,cores,throughput
 
 parity:     TE vs torch backend, same weights, bf16: logits, loss and every gradient, on 1 GPU and under tp2 / sp2
 cores:      flash-attn and TE fused attention vs SDPA inside the full model under sp2, packed documents included
-fp8:        a small model trained a few hundred steps with TE in bf16, FP8 delayed scaling and FP8 current scaling
 throughput: a Llama-3-8B-geometry layer stack, torch vs TE backend, bf16 and FP8, one GPU
-Rank 0 prints one table per section.
+Rank 0 prints one table per section. FP8 training against bf16 runs through the trainer: scripts/check_fp8_training.py.
 """
 from __future__ import annotations
 
@@ -20,12 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megalysses.config import load_model_config
-from megalysses.data import TokenWindows
-from megalysses.config import DataConfig, TrainConfig
 from megalysses.metrics import flops_per_token
 from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
-from megalysses.optim import build_optimizer, lr_at
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.data import all_reduce_gradients
@@ -136,46 +132,6 @@ def fp8_autocast(recipe: str):
     return fp8_context(recipe, None)
 
 
-def train_curve(recipe: str, steps: int) -> list[float]:
-    """Loss per step of a small TE model on the built-in corpus (one GPU, same seed and data for every recipe)."""
-    cfg = GPTConfig(vocab_size=256, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
-                    intermediate_size=1536, max_seq_len=1024, backend="te", attention_core="te")
-    mesh = ParallelMesh.single_device("cuda")
-    torch.manual_seed(0)
-    model = build(cfg, mesh, seed=3)
-    for p in model.parameters():  # fp32 master weights: train the small model in fp32 params, compute in bf16
-        p.data = p.data.float()
-    tcfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20, steps=steps, weight_decay=0.1)
-    opt = build_optimizer(model, tcfg)
-    data = TokenWindows.from_config(DataConfig())
-    losses = []
-    for step in range(steps):
-        ids, labels = (t.cuda() for t in data.batch(step, 16, 512))
-        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_autocast(recipe):
-            per_token = model(ids, None, labels)
-        loss = per_token.float().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tcfg)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def section_fp8(steps: int):
-    say(f"\n## FP8 vs bf16 training, TE backend, {steps} steps (loss averaged over windows of 50 steps)")
-    curves = {r: train_curve(r, steps) for r in ("bf16", "delayed", "current")}
-    windows = [(a, min(a + 50, steps)) for a in range(0, steps, 50)]
-    say("| steps | " + " | ".join(curves) + " | max abs diff vs bf16 |")
-    say("|---|" + "---:|" * (len(curves) + 1))
-    for a, b in windows:
-        means = {r: sum(c[a:b]) / (b - a) for r, c in curves.items()}
-        diff = max(abs(means[r] - means["bf16"]) for r in curves)
-        say(f"| {a + 1}-{b} | " + " | ".join(f"{means[r]:.4f}" for r in curves) + f" | {diff:.4f} |")
-
-
 def time_steps(model: GPT, seq: int, recipe: str, iters: int = 8) -> float:
     ids = torch.randint(0, model.cfg.vocab_size, (1, seq), device="cuda")
     times = []
@@ -213,8 +169,7 @@ def section_throughput(layers: int, seq: int):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sections", default="parity,cores,fp8,throughput")
-    parser.add_argument("--fp8-steps", type=int, default=300)
+    parser.add_argument("--sections", default="parity,cores,throughput")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=8192)
     args = parser.parse_args()
@@ -227,8 +182,6 @@ def main():
         section_parity(world)
     if "cores" in sections:
         section_cores(world)
-    if "fp8" in sections:
-        section_fp8(args.fp8_steps)
     if "throughput" in sections:
         section_throughput(args.layers, args.seq)
     dist.barrier()

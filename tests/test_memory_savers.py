@@ -193,7 +193,7 @@ def test_memory_config_errors_and_run_config_section(tmp_path):
     run.write_text("model: tiny\nmemory:\n  recompute: full\n  loss_tiles: 8\n")
     cfg = load_run_config(run, ["memory.mlp_tiles=4"])
     assert cfg.memory == MemoryConfig(recompute="full", mlp_tiles=4, loss_tiles=8)
-    with pytest.raises(ConfigError, match=r"memory.recompute: expected one of 'none', 'selective', 'full'"):
+    with pytest.raises(ConfigError, match=r"memory.recompute: expected one of 'none', 'selective', 'around_core', 'full'"):
         load_run_config(run, ["memory.recompute=partial"])
 
 

@@ -118,6 +118,11 @@ def build_model(cfg: RunConfig, mesh: ParallelMesh, device: torch.device) -> tor
     return torch.nn.ModuleList(chunks)
 
 
+def step_tokens(batches, mesh: ParallelMesh) -> torch.Tensor:
+    """Tokens with a target in this step's micro-batches, summed over dp x sp: the loss's denominator."""
+    return count_valid_tokens(torch.cat([labels for _, _, labels in batches]), mesh.group("dp", "sp"))
+
+
 def forward_backward(chunks, sync, batches, mesh: ParallelMesh, total: torch.Tensor, precision) -> torch.Tensor:
     """Every micro-batch's forward and backward (through the pipeline schedule when pp > 1); gradients synced over
     dp x sp (overlapped with the last backward) and tied embeddings summed over their two stages."""
@@ -145,7 +150,7 @@ def forward_backward(chunks, sync, batches, mesh: ParallelMesh, total: torch.Ten
 def train_step(chunks, sync, optimizer, batches, mesh: ParallelMesh, cfg: RunConfig, step: int, precision) -> dict:
     """One optimizer step: token-weighted loss over the micro-batches, grad sync, clip, AdamW (skipped when the loss
     or the gradient norm is not finite)."""
-    total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
+    total = step_tokens(batches, mesh)
     loss_sum = forward_backward(chunks, sync, batches, mesh, total, precision)
     grad_norm = sync.clip_grad_norm(cfg.train.grad_clip)
     loss_value = C.all_reduce(loss_sum, mesh.group("dp", "sp")).item()
@@ -165,7 +170,7 @@ def evaluate(chunks, data: StepData, batcher: Batcher, mesh: ParallelMesh, cfg: 
     losses = []
     for i in range(cfg.train.eval_steps):
         batches = batcher.micro_batches(*data.rows(i, split="val"))
-        total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
+        total = step_tokens(batches, mesh)
         if mesh.size("pp") > 1:
             loss = run_pipeline_step(list(chunks), mesh.layout.schedule, batches, mesh, total, precision,
                                      backward=False)
@@ -245,8 +250,7 @@ def calibrate_fp8_scales(run: Run, step: int) -> None:
     the FP8 run's curve leaves bf16's from there. One forward and backward of the step's batch, its gradients
     discarded, fills every amax history first, so the first real step runs on measured scales."""
     batches = run.batcher.micro_batches(*run.data.rows(step))
-    total = count_valid_tokens(torch.cat([b[2] for b in batches]), run.mesh.group("dp", "sp"))
-    forward_backward(run.chunks, run.sync, batches, run.mesh, total, run.precision)
+    forward_backward(run.chunks, run.sync, batches, run.mesh, step_tokens(batches, run.mesh), run.precision)
     run.optimizer.zero_grad()
 
 

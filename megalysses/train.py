@@ -245,9 +245,9 @@ def train(cfg: RunConfig) -> list[dict]:
 
 
 def calibrate_fp8_scales(run: Run, step: int) -> None:
-    """FP8 delayed scaling begins every tensor at scale 1, where the first step's gradients (about 1e-6 per element,
-    below E5M2's smallest subnormal 1.5e-5) flush to zero: that step would train only the layers outside FP8, and
-    the FP8 run's curve leaves bf16's from there. One forward and backward of the step's batch, its gradients
+    """FP8 delayed scaling begins every tensor at scale 1, where most of the first step's gradients (a mean loss over
+    many tokens makes them tiny) fall below E5M2's smallest subnormal, 1.5e-5, and flush to zero: that step would
+    train little beyond the layers outside FP8, and the FP8 run's curve leaves bf16's from there. One forward and backward of the step's batch, its gradients
     discarded, fills every amax history first, so the first real step runs on measured scales."""
     batches = run.batcher.micro_batches(*run.data.rows(step))
     forward_backward(run.chunks, run.sync, batches, run.mesh, step_tokens(batches, run.mesh), run.precision)

@@ -133,6 +133,18 @@ def check_correctness(group, s, dtype, device, ctx, core=sdpa_attention) -> floa
     return max(errs)
 
 
+def forward_backward_step(fn, inputs, grad, ctx):
+    """A timed step: fn(*inputs) forward and backward with `grad`, inputs' old gradients dropped first."""
+    def step():
+        for t in inputs:
+            t.grad = None
+        with ctx():
+            out = fn(*inputs)
+        with ctx():
+            out.backward(grad)
+    return step
+
+
 def bench_size(s, group, args, device, dtype, ctx, timer, gen, core=sdpa_attention, comm=None):
     """One core at one S. `comm`: the a2a / nccl results of an earlier core at this S (core-independent), or None
     to measure them."""
@@ -146,14 +158,7 @@ def bench_size(s, group, args, device, dtype, ctx, timer, gen, core=sdpa_attenti
         rand((1, n, HK, D), dtype, device, True, gen)
     g = rand((1, n, HQ, D), dtype, device, False, gen)
 
-    def ulysses_step():
-        for t in (q, k, v):
-            t.grad = None
-        with ctx():
-            out = ulysses_attention(core, q, k, v, group)
-        with ctx():
-            out.backward(g)
-
+    ulysses_step = forward_backward_step(lambda q, k, v: ulysses_attention(core, q, k, v, group), (q, k, v), g, ctx)
     res["ulysses"], res["ulysses_all"] = timer.measure(ulysses_step, args.warmup, args.iters)
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -168,15 +173,7 @@ def bench_size(s, group, args, device, dtype, ctx, timer, gen, core=sdpa_attenti
         rand((1, s, hk_loc, D), dtype, device, True, gen)
     gc = rand((1, s, h_loc, D), dtype, device, False, gen)
 
-    def core_step():
-        for t in (qc, kc, vc):
-            t.grad = None
-        with ctx():
-            out = core(qc, kc, vc)
-        with ctx():
-            out.backward(gc)
-
-    res["core"], _ = timer.measure(core_step, args.warmup, args.iters)
+    res["core"], _ = timer.measure(forward_backward_step(core, (qc, kc, vc), gc, ctx), args.warmup, args.iters)
     for key in ("ulysses", "core"):
         res[key] = max_over_ranks(res[key], device)  # the slowest rank's median
     flops = attn_flops_per_gpu(s, p)

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from megalysses.tools.plot import read_metrics
+
 # name -> (GPUs, reference run, trainer overrides)
 RUNS: dict[str, tuple[int, str, list[str]]] = {
     "te-bf16": (1, "te-bf16", ["model.backend=te"]),
@@ -74,10 +76,10 @@ def run_all(names: list[str], steps: int, out: pathlib.Path, gpus: int) -> dict[
 
 
 def losses(out: pathlib.Path, name: str) -> list[float]:
-    path = out / name / "metrics.jsonl"
-    if not path.exists():
+    """The run's training loss per step (logged every step); none when the run failed before logging."""
+    if not (out / name / "metrics.jsonl").exists():
         return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+    return [r["loss"] for r in read_metrics(out / name)]
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ training reduces its amax over the right group. Skipped without CUDA or without 
 """
 import importlib.util
 import io
-import json
 import pickle
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from megalysses.checkpoint.trainer import extra_file
+from megalysses.tools.plot import read_metrics
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
@@ -32,7 +32,7 @@ def train(run_dir, nproc: int, *overrides: str) -> list[dict]:
            "-m", "megalysses.train", *SMOKE, f"train.nproc={nproc}", f"logging.run_dir={run_dir}", *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def loss_at(records: list[dict], step: int) -> float:

@@ -13,6 +13,7 @@ import difflib
 import functools
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
@@ -308,6 +309,36 @@ def _convert(tp: Any, value: Any, path: str, key: str) -> Any:
     raise _wrong_type(tp, value, path, key)
 
 
+LEGACY_KEYS: dict[type, dict[str, Optional[str]]] = {
+    ParallelLayout: {"sequence_parallel": "tp_sequence_parallel", "micro_batches": None},
+}
+"""Keys that configs (and the config.yaml inside checkpoints) written by earlier versions may hold: old name -> new
+name, or None for a key that nothing read (the micro-batch count is train.global_batch_size / (micro_batch_size * dp))."""
+
+
+def _upgrade_legacy(cls, data: dict, path: str, key: str) -> dict:
+    """Rename (or drop) the keys of LEGACY_KEYS in a section, with a warning naming the new key."""
+    legacy = LEGACY_KEYS.get(cls, {})
+    if not legacy.keys() & data.keys():
+        return data
+    data = dict(data)
+    for old, new in legacy.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if new is None:
+            if value is not None:
+                warnings.warn(f"{_where(path, _join(key, old))}: no longer a key and ignored (it was never read)",
+                              stacklevel=2)
+        elif new in data:
+            raise ConfigError(f"{_where(path, _join(key, old))}: renamed {_join(key, new)!r}, which is also set: "
+                              f"keep only {new!r}")
+        else:
+            warnings.warn(f"{_where(path, _join(key, old))}: renamed {_join(key, new)!r}; read as that", stacklevel=2)
+            data[new] = value
+    return data
+
+
 def _build(cls, data: Any, path: str, key: str, origins: Optional[dict[str, str]] = None):
     if isinstance(data, cls):
         return data
@@ -315,6 +346,7 @@ def _build(cls, data: Any, path: str, key: str, origins: Optional[dict[str, str]
         data = {}
     if not isinstance(data, dict):
         raise _wrong_type(cls, data, path, key)
+    data = _upgrade_legacy(cls, data, path, key)
     hints = _hints(cls)
     kwargs = {}
     for name, value in data.items():

@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from megalysses.parallel import ParallelMesh
-from megalysses.parallel.data import DistributedOptimizer, FSDPGradSync, GradSync, fully_shard_model
+from megalysses.parallel.dp import DistributedOptimizer, FSDPGradSync, GradSync, fully_shard_model
 
 from .config import TrainConfig
 

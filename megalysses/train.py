@@ -69,7 +69,7 @@ class Batcher:
         t = cfg.train
         self.mesh, self.device, self.micro = mesh, device, t.micro_batch_size
         self.accum = t.global_batch_size // (t.micro_batch_size * mesh.size("dp"))
-        self.unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.sequence_parallel else 1)
+        self.unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.tp_sequence_parallel else 1)
 
     def micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """(rows, s) -> [(ids, positions, labels)] each (micro, s_padded / sp) on this rank's device."""

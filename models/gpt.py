@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalysses.parallel.fused import fused
+from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
 from megalysses.parallel.tensor import shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
-from .attention import Documents, build_attention_core, resolve_auto_core
+from .cores import Documents, build_attention_core, resolve_auto_core
 from .config import GPTConfig, MemoryConfig
 from .memory import map_sequence_tiles, recompute, recomputed, tiled_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -158,7 +158,7 @@ class GPT(nn.Module):
             return x
         x = self.norm(x)
         head = self.embed if self.cfg.tie_embeddings else self.head
-        sequence_parallel = self.mesh.layout.sequence_parallel
+        sequence_parallel = self.mesh.layout.tp_sequence_parallel
         if labels is not None and self.memory.loss_tiles > 1:  # never the whole (b, s, vocab / tp) logits at once
             return tiled_lm_loss(x, head.weight, labels, self.cfg.vocab_size, self.tp_group, sequence_parallel,
                                  self.memory.loss_tiles)

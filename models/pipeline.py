@@ -47,7 +47,7 @@ def boundary_shape(chunk: GPT, ids_shape: torch.Size) -> torch.Size:
     """Hidden state between stages: (micro, s / sp, hidden), the sequence also split over tp under sequence
     parallelism. ids_shape: this rank's (micro, s / sp) token ids."""
     b, s = ids_shape
-    tp = chunk.mesh.size("tp") if chunk.mesh.layout.sequence_parallel else 1
+    tp = chunk.mesh.size("tp") if chunk.mesh.layout.tp_sequence_parallel else 1
     return torch.Size((b, s // tp, chunk.cfg.hidden_size))
 
 

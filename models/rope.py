@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from megalysses.parallel.fused import fused
+from megalysses.parallel.kernel_fusion import fused
 
 from .config import RopeScaling
 

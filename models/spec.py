@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalysses.parallel.fused import fused
+from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
         self.weight.full_shape, self.weight.shard_spec = (dim,), None
-        self.weight.sequence_parallel = mesh.layout.sequence_parallel
+        self.weight.sequence_parallel = mesh.layout.tp_sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -39,15 +39,15 @@ def torch_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:
 
 def torch_column(in_features: int, sections: Sequence[int], bias: bool, mesh: ParallelMesh,
                  eps: float = 1e-5) -> nn.Module:
-    return ColumnParallelLinear(in_features, sections, bias, mesh.group("tp"), mesh.layout.sequence_parallel)
+    return ColumnParallelLinear(in_features, sections, bias, mesh.group("tp"), mesh.layout.tp_sequence_parallel)
 
 
 def torch_row(in_features: int, out_features: int, bias: bool, mesh: ParallelMesh) -> nn.Module:
-    return RowParallelLinear(in_features, out_features, bias, mesh.group("tp"), mesh.layout.sequence_parallel)
+    return RowParallelLinear(in_features, out_features, bias, mesh.group("tp"), mesh.layout.tp_sequence_parallel)
 
 
 def torch_embedding(vocab_size: int, dim: int, mesh: ParallelMesh) -> nn.Module:
-    return VocabParallelEmbedding(vocab_size, dim, mesh.group("tp"), mesh.layout.sequence_parallel)
+    return VocabParallelEmbedding(vocab_size, dim, mesh.group("tp"), mesh.layout.tp_sequence_parallel)
 
 
 NormFactory = Callable[[int, float, ParallelMesh], nn.Module]          # (dim, eps, mesh)

@@ -36,7 +36,7 @@ def import_te():
 
 def _tp_args(mesh: ParallelMesh) -> dict:
     tp = mesh.group("tp")
-    return dict(tp_group=tp.pg, tp_size=tp.size, sequence_parallel=mesh.layout.sequence_parallel,
+    return dict(tp_group=tp.pg, tp_size=tp.size, sequence_parallel=mesh.layout.tp_sequence_parallel,
                 params_dtype=torch.get_default_dtype(), device="cuda")
 
 
@@ -46,17 +46,17 @@ def _mark(param: nn.Parameter, full_shape: Sequence[int], spec: Optional[ShardSp
 
 def te_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:
     te = import_te()
-    norm = te.RMSNorm(dim, eps=eps, sequence_parallel=mesh.layout.sequence_parallel,
+    norm = te.RMSNorm(dim, eps=eps, sequence_parallel=mesh.layout.tp_sequence_parallel,
                       params_dtype=torch.get_default_dtype(), device="cuda")
     _mark(norm.weight, (dim,), None)
-    norm.weight.sequence_parallel = mesh.layout.sequence_parallel
+    norm.weight.sequence_parallel = mesh.layout.tp_sequence_parallel
     return norm
 
 
 def _sequence_first(module: nn.Module, mesh: ParallelMesh) -> nn.Module:
     """TE's sequence parallelism gathers / scatters dim 0, Megatron's (s, b, h) layout; ours is (b, s, h). Under
     sequence parallelism, present (s, b, h) to the module and turn its output back (views when b == 1)."""
-    if mesh.layout.sequence_parallel:
+    if mesh.layout.tp_sequence_parallel:
         module.register_forward_pre_hook(lambda m, args: (args[0].transpose(0, 1).contiguous(), *args[1:]))
         module.register_forward_hook(lambda m, args, out: out.transpose(0, 1))
     return module
@@ -73,7 +73,7 @@ def te_norm_column(in_features: int, sections: Sequence[int], bias: bool, mesh: 
     if bias:
         _mark(layer.bias, (sum(sections),), spec)
     _mark(layer.layer_norm_weight, (in_features,), None)
-    layer.layer_norm_weight.sequence_parallel = mesh.layout.sequence_parallel
+    layer.layer_norm_weight.sequence_parallel = mesh.layout.tp_sequence_parallel
     return _sequence_first(layer, mesh)
 
 
@@ -89,7 +89,7 @@ def te_row(in_features: int, out_features: int, bias: bool, mesh: ParallelMesh) 
 
 def te_embedding(vocab_size: int, dim: int, mesh: ParallelMesh) -> nn.Module:
     """TE has no embedding layer: the vocab-parallel embedding of the torch backend, on the GPU."""
-    return VocabParallelEmbedding(vocab_size, dim, mesh.group("tp"), mesh.layout.sequence_parallel).cuda()
+    return VocabParallelEmbedding(vocab_size, dim, mesh.group("tp"), mesh.layout.tp_sequence_parallel).cuda()
 
 
 class TEAttentionCore(nn.Module):

@@ -32,12 +32,11 @@ class ParallelLayout:
     """Virtual pipeline stages per rank (interleaved 1F1B); 1 means no interleaving."""
     schedule: str = "1f1b"
     """Pipeline schedule: one of '1f1b', 'gpipe', 'interleaved-1f1b'."""
-    micro_batches: Optional[int] = None
-    """Micro-batches per step per pipeline; None derives it from the global and micro batch size."""
     stage_layers: Optional[list[int]] = None
     """Explicit layers per pipeline stage (length pp * vpp) for uneven models; None splits evenly."""
-    sequence_parallel: bool = False
-    """Megatron-style sequence parallelism inside the TP group (norm/residual regions sharded over tp)."""
+    tp_sequence_parallel: bool = False
+    """Megatron-style sequence parallelism inside the TP group: norm / residual regions sharded over tp (not Ulysses:
+    that is `sp`)."""
     zero: int = 0
     """Optimizer sharding over dp x sp: 0 none, 1 ZeRO-1 (optimizer state), 3 full sharding (FSDP2)."""
 
@@ -56,9 +55,9 @@ class ParallelLayout:
                 "set layout.schedule=interleaved-1f1b or layout.vpp=1")
         if self.zero not in (0, 1, 3):
             raise LayoutError(f"layout.zero = {self.zero!r}: must be 0 (off), 1 (ZeRO-1) or 3 (FSDP full sharding)")
-        if self.sequence_parallel and self.tp == 1:
-            raise LayoutError("layout.sequence_parallel = true needs tp > 1 (it shards norm regions over the TP group); "
-                              "set layout.sequence_parallel=false or raise tp")
+        if self.tp_sequence_parallel and self.tp == 1:
+            raise LayoutError("layout.tp_sequence_parallel = true needs tp > 1 (it shards norm regions over the TP group); "
+                              "set layout.tp_sequence_parallel=false or raise tp")
         if self.stage_layers is not None and len(self.stage_layers) != self.pp * self.vpp:
             raise LayoutError(
                 f"layout.stage_layers has {len(self.stage_layers)} entries but pp * vpp = {self.pp} * {self.vpp} = "
@@ -117,11 +116,11 @@ class ParallelLayout:
                 f"divide the kv heads, or the kv heads to divide sp (then they are replicated): use sp in {ok}")
         self.check_layers(layers)
         if seq_len is not None:
-            unit = sp * (tp if self.sequence_parallel else 1)
+            unit = sp * (tp if self.tp_sequence_parallel else 1)
             if seq_len % unit:
                 raise LayoutError(
                     f"sequence length {seq_len} is not divisible by {unit} (sp {sp}"
-                    f"{f' x tp {tp} with sequence_parallel' if self.sequence_parallel else ''}); "
+                    f"{f' x tp {tp} with tp_sequence_parallel' if self.tp_sequence_parallel else ''}); "
                     f"pad it to {-(-seq_len // unit) * unit} (the data path pads and masks the padding out of the loss)")
 
     def check_layers(self, layers: int) -> list[int]:

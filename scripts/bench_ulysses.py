@@ -12,7 +12,7 @@ CPU smoke test (gloo, float32, default SDPA backend, tiny sizes):
 Per sequence length S (global), each rank holds q (1, S/P, 32, 128) and k, v (1, S/P, 8, 128) (Llama-3-8B heads).
 Columns:
   core         the local attention core: sdpa (torch SDPA, --backend forced on GPU, cuDNN by default), or a core of
-               models.attention.build_attention_core(name, 32/P, 8/P, 128): flash, te
+               models.cores.build_attention_core(name, 32/P, 8/P, 128): flash, te
   ulysses ms   median time of ulysses_attention(...) forward + backward (CUDA events, after warm-up)
   a2a ms       the all-to-alls alone, forward + backward: seq_to_heads(q, k, v) and heads_to_seq(out) on tensors of
                the same shapes (pack/unpack copies included), medians
@@ -36,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megalysses.models.attention import build_attention_core, sdpa_attention
+from megalysses.models.cores import build_attention_core, sdpa_attention
 from megalysses.parallel.layout import ParallelLayout
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence.ulysses import heads_to_seq, seq_to_heads, ulysses_attention

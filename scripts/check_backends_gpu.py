@@ -24,7 +24,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
-from megalysses.parallel.data import all_reduce_gradients
+from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.sequence import count_valid_tokens, shard_sequence, token_weighted_loss
 from megalysses.parallel.tensor import gather_full
 
@@ -93,7 +93,7 @@ def section_parity(world: int):
     say("| layout | docs | loss rel | logits rel | worst grad rel | worst grad |")
     say("|---|---|---:|---:|---:|---|")
     layouts = [("1 GPU", ParallelLayout(dp=world)), ("tp2", ParallelLayout(tp=2)),
-               ("tp2 + seq-par", ParallelLayout(tp=2, sequence_parallel=True)), ("sp2", ParallelLayout(sp=2))]
+               ("tp2 + seq-par", ParallelLayout(tp=2, tp_sequence_parallel=True)), ("sp2", ParallelLayout(sp=2))]
     for name, layout in layouts:
         mesh = ParallelMesh(layout, device_type="cuda")
         for packed in (False, True):

@@ -10,7 +10,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
-from megalysses.parallel.data import all_reduce_gradients
+from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_sequence,
                                           token_weighted_loss)
 from megalysses.parallel.tensor import gather_full
@@ -63,7 +63,7 @@ def sharded(cfg: GPTConfig, layout: ParallelLayout, batch: Batch) -> tuple[float
     model = GPT(cfg, mesh)
     model.init_weights(SEED)
     dp, sp = mesh.group("dp"), mesh.group("sp")
-    unit = mesh.size("sp") * (mesh.size("tp") if layout.sequence_parallel else 1)
+    unit = mesh.size("sp") * (mesh.size("tp") if layout.tp_sequence_parallel else 1)
     ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
     rows = lambda t: t.chunk(dp.size, dim=0)[dp.rank]  # noqa: E731 - this dp rank's rows
     ids, labels, pos = (shard_sequence(rows(t), sp) for t in (ids, labels, pos))

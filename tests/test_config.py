@@ -48,7 +48,7 @@ def test_bundled_run_loads(name, tmp_path):
 def test_bundled_sets():
     assert {"tiny", "llama-3.2-1b", "llama-3-8b", "qwen2.5-7b", "llama-3-70b"} <= set(bundled("models"))
     assert {"single", "dp8", "sp4", "sp8", "tp2-sp2", "tp2-sp4", "tp2-pp2-sp2", "pp4", "tp2-pp2-dp2", "tp2", "sp2",
-            "dp2", "tp2-sp2-sequence-parallel"} <= set(bundled("layouts"))
+            "dp2", "tp2-sp2-tp-sequence-parallel"} <= set(bundled("layouts"))
     assert (SCRIPTS_CONFIGS / "layouts" / "tp2-sp2.yaml").is_file()  # scripts/configs is the human-facing path
 
 
@@ -167,8 +167,8 @@ def test_bool_given_as_int(tmp_path):
 
 
 def test_bool_given_as_string_override():
-    with pytest.raises(ConfigError, match=r"layout\.sequence_parallel: expected bool .*got 'maybe' \(str\)"):
-        load_run_config(QUICKSTART, ["layout.sequence_parallel=maybe"])
+    with pytest.raises(ConfigError, match=r"layout\.tp_sequence_parallel: expected bool .*got 'maybe' \(str\)"):
+        load_run_config(QUICKSTART, ["layout.tp_sequence_parallel=maybe"])
 
 
 def test_literal_choice(tmp_path):
@@ -226,8 +226,8 @@ def test_unknown_model_reference_name():
 
 
 def test_sequence_parallel_needs_tp():
-    with pytest.raises(ConfigError, match=r"layout\.sequence_parallel = true needs tp > 1"):
-        load_run_config(QUICKSTART, ["layout=sp4", "layout.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"layout\.tp_sequence_parallel = true needs tp > 1"):
+        load_run_config(QUICKSTART, ["layout=sp4", "layout.tp_sequence_parallel=true"])
 
 
 def test_section_not_a_mapping(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from megalysses.config import DataConfig
 from megalysses.data import (Batch, BatchLoader, BlendedDataset, IndexedDataset, IndexedWriter, PackedCorpus,
                              PackedDataset, TokenWindows, apportion, build_dataset, dp_rows)
-from megalysses.models.attention import Documents
+from megalysses.models.cores import Documents
 from megalysses.parallel.collectives import CommGroup
 from megalysses.parallel.sequence import IGNORE_INDEX, pad_sequence_batch, shard_sequence
 

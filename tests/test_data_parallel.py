@@ -12,7 +12,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
 from megalysses.optim import build_data_parallel, build_optimizer, lr_at
 from megalysses.parallel import ParallelLayout, ParallelMesh
-from megalysses.parallel.data import clip_gradients, optimizer_state_bytes
+from megalysses.parallel.dp import clip_gradients, optimizer_state_bytes
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_sequence,
                                           token_weighted_loss)
@@ -59,7 +59,7 @@ def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
 def micro_batches(batch, mesh: ParallelMesh, layout: ParallelLayout):
     """This rank's rows (by dp) and sequence chunk (by sp), cut into MICRO_BATCHES micro-batches."""
     dp, sp = mesh.group("dp"), mesh.group("sp")
-    unit = mesh.size("sp") * (mesh.size("tp") if layout.sequence_parallel else 1)
+    unit = mesh.size("sp") * (mesh.size("tp") if layout.tp_sequence_parallel else 1)
     ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
     ids, labels, pos = (shard_sequence(t.chunk(dp.size)[dp.rank], sp) for t in (ids, labels, pos))
     return list(zip(*(t.chunk(MICRO_BATCHES) for t in (ids, pos, labels))))
@@ -107,13 +107,13 @@ def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "f
 LAYOUTS = {  # name: (layout, ranks)
     "dp2": ParallelLayout(dp=2),
     "dp2-sp2": ParallelLayout(dp=2, sp=2),
-    "tp2-sp2-seqpar": ParallelLayout(tp=2, sp=2, dp=1, sequence_parallel=True),
+    "tp2-sp2-seqpar": ParallelLayout(tp=2, sp=2, dp=1, tp_sequence_parallel=True),
     "zero1-dp2": ParallelLayout(dp=2, zero=1),
     "zero1-dp2-sp2": ParallelLayout(dp=2, sp=2, zero=1),
-    "zero1-dp2-tp2-seqpar": ParallelLayout(dp=2, tp=2, sequence_parallel=True, zero=1),
+    "zero1-dp2-tp2-seqpar": ParallelLayout(dp=2, tp=2, tp_sequence_parallel=True, zero=1),
     "fsdp-dp2": ParallelLayout(dp=2, zero=3),
     "fsdp-dp2-sp2": ParallelLayout(dp=2, sp=2, zero=3),
-    "fsdp-dp2-tp2-seqpar": ParallelLayout(dp=2, tp=2, sequence_parallel=True, zero=3),
+    "fsdp-dp2-tp2-seqpar": ParallelLayout(dp=2, tp=2, tp_sequence_parallel=True, zero=3),
 }
 
 

@@ -8,7 +8,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
 from megalysses.optim import build_data_parallel, build_optimizer, lr_at, param_groups
 from megalysses.parallel import ParallelMesh
-from megalysses.parallel.data import DistributedOptimizer, GradBuffer, GradSync, clip_gradients
+from megalysses.parallel.dp import DistributedOptimizer, GradBuffer, GradSync, clip_gradients
 from megalysses.parallel.sequence import IGNORE_INDEX
 from parity import SEED, make_batch
 

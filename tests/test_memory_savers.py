@@ -11,7 +11,7 @@ from megalysses.models.config import GPTConfig, MemoryConfig, ModelConfigError
 from megalysses.models.gpt import GPT
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
-from megalysses.parallel.data import all_reduce_gradients
+from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_sequence,
                                           token_weighted_loss)
@@ -205,7 +205,7 @@ def sharded(cfg, mesh: ParallelMesh, batch, memory: MemoryConfig):
     model = GPT(cfg, mesh, memory=memory)
     model.init_weights(SEED)
     sp, layout = mesh.group("sp"), mesh.layout
-    unit = mesh.size("sp") * (mesh.size("tp") if layout.sequence_parallel else 1)
+    unit = mesh.size("sp") * (mesh.size("tp") if layout.tp_sequence_parallel else 1)
     ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
     ids, labels, pos = (shard_sequence(t, sp) for t in (ids, labels, pos))
     total = count_valid_tokens(labels, mesh.group("dp", "sp"))
@@ -239,9 +239,9 @@ RANK_SAVERS = [SAVERS["selective+offload"], MemoryConfig(mlp_tiles=3), MemoryCon
 
 
 @pytest.mark.parametrize("layout,tokens_per_rank", [
-    pytest.param(ParallelLayout(tp=2, sequence_parallel=True), S, id="tp2-seqpar"),  # head input gathered: all 30
+    pytest.param(ParallelLayout(tp=2, tp_sequence_parallel=True), S, id="tp2-seqpar"),  # head input gathered: all 30
     pytest.param(ParallelLayout(sp=2), S // 2, id="sp2"),
-    pytest.param(ParallelLayout(tp=2, sp=2, sequence_parallel=True), 16, id="tp2-sp2-seqpar"),  # padded to 32
+    pytest.param(ParallelLayout(tp=2, sp=2, tp_sequence_parallel=True), 16, id="tp2-sp2-seqpar"),  # padded to 32
 ])
 def test_savers_match_single_device_on_ranks(layout, tokens_per_rank):
     batch = make_batch(CFG, batch=B, seq=S, packed=True, ignore_tail=5)

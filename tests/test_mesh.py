@@ -83,7 +83,7 @@ def test_single_device_mesh_needs_no_process_group():
     (dict(vpp=2), 1, r"layout.vpp = 2 needs schedule 'interleaved-1f1b'"),
     (dict(schedule="zb"), 1, r"layout.schedule = 'zb': must be one of"),
     (dict(zero=2), 1, r"layout.zero = 2: must be 0"),
-    (dict(sequence_parallel=True), 1, r"sequence_parallel = true needs tp > 1"),
+    (dict(tp_sequence_parallel=True), 1, r"sequence_parallel = true needs tp > 1"),
     (dict(pp=2, stage_layers=[1, 1, 1]), 2, r"stage_layers has 3 entries but pp \* vpp = 2 \* 1 = 2"),
 ])
 def test_invalid_layouts(kwargs, world, match):

@@ -9,7 +9,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.pipeline import build_stage_chunks, run_pipeline_step
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
-from megalysses.parallel.data import all_reduce_gradients
+from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.launch import RankFailure, run_ranks
 from megalysses.parallel.pipeline import plan_rank, plan_steps, run_rounds, run_steps, schedule_actions
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence
@@ -95,7 +95,7 @@ def test_a_stage_output_off_the_boundary_shape_fails_fast():
 def _micro_batches(batch, mesh: ParallelMesh):
     """The step's batch as this rank's micro-batches: rows by dp, sequence chunk by sp, then micro-batch rows."""
     dp, sp = mesh.group("dp"), mesh.group("sp")
-    unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.sequence_parallel else 1)
+    unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.tp_sequence_parallel else 1)
     ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
     ids, pos, labels = (shard_sequence(t.chunk(dp.size)[dp.rank], sp) for t in (ids, pos, labels))
     return list(zip(*(t.split(MICRO_BATCH_SIZE) for t in (ids, pos, labels))))
@@ -140,10 +140,10 @@ LAYOUTS = [
     pytest.param(TIED, dict(pp=4, schedule="1f1b"), 4, id="pp4-1f1b"),
     pytest.param(TIED, dict(pp=4, **INTERLEAVED), 4, id="pp4-interleaved"),
     pytest.param(TIED, dict(pp=2, tp=2, schedule="1f1b"), 4, id="pp2-tp2-1f1b"),
-    pytest.param(UNTIED, dict(pp=2, tp=2, sequence_parallel=True, **INTERLEAVED), 4, id="pp2-tp2-seqpar-interleaved"),
+    pytest.param(UNTIED, dict(pp=2, tp=2, tp_sequence_parallel=True, **INTERLEAVED), 4, id="pp2-tp2-seqpar-interleaved"),
     pytest.param(TIED, dict(pp=2, dp=2, schedule="1f1b"), 4, id="pp2-dp2-1f1b"),
     pytest.param(TIED, dict(pp=2, sp=2, tp=2, **INTERLEAVED), 8, id="pp2-sp2-tp2-interleaved", marks=pytest.mark.slow),
-    pytest.param(TIED, dict(pp=2, sp=2, tp=2, sequence_parallel=True, schedule="1f1b"), 8,
+    pytest.param(TIED, dict(pp=2, sp=2, tp=2, tp_sequence_parallel=True, schedule="1f1b"), 8,
                  id="pp2-sp2-tp2-seqpar-1f1b", marks=pytest.mark.slow),
 ]
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from megalysses.checkpoint.trainer import extra_file
+from megalysses.checkpoint.checkpointer import extra_file
 from megalysses.tools.plot import read_metrics
 
 pytestmark = [pytest.mark.gpu,

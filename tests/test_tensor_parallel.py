@@ -17,7 +17,7 @@ CFG = GPTConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=8, num_k
 
 @pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, False), (2, True), (4, False), (4, True)])
 def test_tp_matches_single_device(tp, sequence_parallel):
-    layout = ParallelLayout(tp=tp, sequence_parallel=sequence_parallel)
+    layout = ParallelLayout(tp=tp, tp_sequence_parallel=sequence_parallel)
     batch = make_batch(CFG, batch=2, seq=24, ignore_tail=3)
     loss_err, grad_err, name = run_ranks(parity_on_rank, tp, CFG, layout, batch)[0]
     assert loss_err < 1e-6
@@ -28,7 +28,7 @@ def test_tp_untied_with_qkv_bias():
     cfg = GPTConfig(vocab_size=77, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=80,
                     tie_embeddings=False, qkv_bias=True)
     batch = make_batch(cfg, batch=2, seq=16)
-    for rank_result in run_ranks(parity_on_rank, 2, cfg, ParallelLayout(tp=2, sequence_parallel=True), batch):
+    for rank_result in run_ranks(parity_on_rank, 2, cfg, ParallelLayout(tp=2, tp_sequence_parallel=True), batch):
         loss_err, grad_err, name = rank_result
         assert loss_err < 1e-6 and grad_err < 1e-5, name
 

@@ -53,7 +53,7 @@ def test_every_layout_trains_like_one_device(tmp_path):
         "pp2-dp2-1f1b": ["layout={pp: 2, dp: 2}", "train.nproc=4"],
         "pp2-interleaved": ["layout={pp: 2, vpp: 2, schedule: interleaved-1f1b}", "train.nproc=2"],
         "sp2-dp2-zero1": ["layout={sp: 2, dp: 2, zero: 1}", "train.nproc=4"],
-        "dp2-tp2-zero3": ["layout={tp: 2, dp: 2, zero: 3, sequence_parallel: true}", "train.nproc=4"],
+        "dp2-tp2-zero3": ["layout={tp: 2, dp: 2, zero: 3, tp_sequence_parallel: true}", "train.nproc=4"],
     }.items():
         loss, norm = _losses_and_norms(tmp_path, name, *overrides)
         for a, b in zip(loss + norm, ref_loss + ref_norm):

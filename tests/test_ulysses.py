@@ -6,7 +6,7 @@ sequence length (30) is padded to 32 and the last SP rank holds no valid token a
 import pytest
 import torch
 
-from megalysses.models.attention import Documents
+from megalysses.models.cores import Documents
 from megalysses.models.config import GPTConfig
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel.launch import run_ranks
@@ -23,7 +23,7 @@ LAYOUTS = [
     pytest.param(ParallelLayout(sp=4), 4, id="sp4"),
     pytest.param(ParallelLayout(sp=8), 8, id="sp8", marks=pytest.mark.slow),
     pytest.param(ParallelLayout(tp=2, sp=2), 4, id="tp2-sp2"),
-    pytest.param(ParallelLayout(tp=2, sp=2, sequence_parallel=True), 4, id="tp2-sp2-seqpar"),
+    pytest.param(ParallelLayout(tp=2, sp=2, tp_sequence_parallel=True), 4, id="tp2-sp2-seqpar"),
     pytest.param(ParallelLayout(tp=2, sp=4), 8, id="tp2-sp4", marks=pytest.mark.slow),
     pytest.param(ParallelLayout(dp=2, sp=2), 4, id="dp2-sp2"),
 ]

@@ -34,7 +34,7 @@ from .files import (CheckpointError, is_checkpoint, list_checkpoints, read_lates
                     step_dir_name, verify)
 from .state import TrainingState, model_key, optimizer_key
 from .tensors import TensorReader, save_streaming
-from .trainer import Checkpointer, resume_candidates
+from .checkpointer import Checkpointer, resume_candidates
 
 __all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "is_checkpoint", "list_checkpoints",
            "model_key", "optimizer_key", "read_latest", "read_manifest", "resolve", "resume_candidates",

@@ -8,10 +8,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from megalysses.parallel import ParallelMesh
-from megalysses.parallel.data import DistributedOptimizer, FSDPGradSync
-from megalysses.parallel.data.fsdp import shard_like
-from megalysses.parallel.data.grads import is_pipeline_duplicate, local_values
-from megalysses.parallel.data.state import MOMENTS
+from megalysses.parallel.dp import DistributedOptimizer, FSDPGradSync
+from megalysses.parallel.dp.fsdp import shard_like
+from megalysses.parallel.dp.grads import is_pipeline_duplicate, local_values
+from megalysses.parallel.dp.state import MOMENTS
 from megalysses.parallel.tensor import gather_full, shard
 
 from .tensors import TensorReader

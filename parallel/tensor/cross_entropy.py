@@ -5,7 +5,7 @@ import torch
 
 from .. import collectives as C
 from ..collectives import CommGroup
-from ..fused import fused
+from ..kernel_fusion import fused
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megalysses.models import attention as A
-from megalysses.models.attention import Documents, FlashAttention, build_attention_core, sdpa_attention
+from megalysses.models import cores as A
+from megalysses.models.cores import Documents, FlashAttention, build_attention_core, sdpa_attention
 
 
 def _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):

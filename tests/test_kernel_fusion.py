@@ -8,8 +8,8 @@ from megalysses.models.gpt import swiglu
 from megalysses.models.rope import apply_rope
 from megalysses.models.spec import rms_norm
 from megalysses.parallel.collectives import CommGroup
-from megalysses.parallel import fused as fused_module
-from megalysses.parallel.fused import PASS_THROUGH, fused
+from megalysses.parallel import kernel_fusion as fused_module
+from megalysses.parallel.kernel_fusion import PASS_THROUGH, fused
 from megalysses.parallel.tensor import vocab_parallel_cross_entropy
 
 

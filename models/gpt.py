@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
-from megalysses.parallel.tensor import shard, vocab_parallel_cross_entropy, vocab_parallel_logits
+from megalysses.parallel.tensor import param_info, shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
 from .cores import Documents, build_attention_core, resolve_auto_core
 from .config import GPTConfig, MemoryConfig
@@ -129,7 +129,7 @@ class GPT(nn.Module):
             self.embed = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, spec, self.mesh, memory) for i in layer_ids})  # global ids
         if post_process:
-            self.norm = spec.final_norm(cfg.hidden_size, cfg.rms_norm_eps, self.mesh)
+            self.norm = spec.norm(cfg.hidden_size, cfg.rms_norm_eps, self.mesh)
             if not cfg.tie_embeddings:
                 self.head = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)  # same vocab sharding
         # float32 always (a buffer would follow model.to(bfloat16) and blur the angles at long positions)
@@ -179,7 +179,8 @@ class GPT(nn.Module):
         built from the same seed holds exactly the single-device weights."""
         tp = self.tp_group
         for name, p in self.canonical_parameters():
-            p.copy_(shard(full_init(name, p.full_shape, self.cfg, seed), p.shard_spec, tp.rank, tp.size))
+            info = param_info(p)
+            p.copy_(shard(full_init(name, info.full_shape, self.cfg, seed), info.shard, tp.rank, tp.size))
 
     def canonical_parameters(self):
         """(backend-independent name, parameter) pairs: the names that init, checkpoints and HF adapters use."""

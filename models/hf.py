@@ -12,7 +12,7 @@ from typing import Any, Callable, Container, Iterator, Mapping, Optional
 
 import torch
 
-from megalysses.parallel.tensor import shard
+from megalysses.parallel.tensor import param_info, shard
 
 from .config import GPTConfig, RopeScaling
 from .gpt import GPT
@@ -242,9 +242,10 @@ def load_hf_state_dict_into(model: GPT, hf_state: Mapping[str, torch.Tensor], st
     loaded = set()
     for name, full in hf_to_ours(hf_state.__getitem__, cfg, only=params):
         p = params[name]
-        if tuple(full.shape) != tuple(p.full_shape):
-            raise ValueError(f"parameter {name!r}: expected full shape {tuple(p.full_shape)}, got {tuple(full.shape)}")
-        p.copy_(shard(full, p.shard_spec, tp.rank, tp.size))
+        info = param_info(p)
+        if tuple(full.shape) != info.full_shape:
+            raise ValueError(f"parameter {name!r}: expected full shape {info.full_shape}, got {tuple(full.shape)}")
+        p.copy_(shard(full, info.shard, tp.rank, tp.size))
         loaded.add(name)
     left = sorted(set(params) - loaded)
     if left:

@@ -15,6 +15,7 @@ from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.pipeline import (AutogradStage, all_reduce_tied_gradients, local_virtual_stages, plan_rank,
                                           run_rounds, stage_layer_ids)
 from megalysses.parallel.sequence import token_weighted_loss
+from megalysses.parallel.tensor import update_param_info
 
 from .config import GPTConfig
 from .gpt import GPT
@@ -34,7 +35,7 @@ def build_stage_chunks(cfg: GPTConfig, mesh: ParallelMesh, spec: LayerSpec = TOR
               for v in local_virtual_stages(pp, vpp, mesh.rank("pp"))]
     for c in chunks:
         if c.post_process and not c.pre_process and cfg.tie_embeddings:
-            c.embed.weight.pipeline_duplicate = True  # the first stage's copy is the one the gradient norm counts
+            update_param_info(c.embed.weight, pipeline_duplicate=True)  # the first stage's copy is counted and saved
     return chunks
 
 

@@ -10,18 +10,18 @@ import torch.nn.functional as F
 
 from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.mesh import ParallelMesh
-from megalysses.parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megalysses.parallel.tensor import (ColumnParallelLinear, ParamInfo, RowParallelLinear, VocabParallelEmbedding,
+                                        set_param_info)
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * w, computed in float32; under TP sequence parallelism its weight's grad is summed over tp."""
+    """y = x / rms(x) * w over the last dim, computed in float32 (a residual-stream norm, or per head)."""
 
-    def __init__(self, dim: int, eps: float, mesh: ParallelMesh):
+    def __init__(self, dim: int, eps: float, mesh: ParallelMesh, per_head: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-        self.weight.full_shape, self.weight.shard_spec = (dim,), None
-        self.weight.sequence_parallel = mesh.layout.tp_sequence_parallel
+        set_param_info(self.weight, norm_weight_info(dim, mesh, per_head))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -33,8 +33,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def torch_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:
-    return RMSNorm(dim, eps, mesh)
+def norm_weight_info(dim: int, mesh: ParallelMesh, per_head: bool) -> ParamInfo:
+    """A norm weight is whole on every tp rank, but its gradient covers only this rank's tokens under tp sequence
+    parallelism, and only this rank's heads for a per-head norm (heads are split over tp): then it is summed over tp."""
+    return ParamInfo((dim,), None, grad_sum_over_tp=mesh.size("tp") > 1 and (per_head or
+                                                                             mesh.layout.tp_sequence_parallel))
+
+
+def torch_norm(dim: int, eps: float, mesh: ParallelMesh, per_head: bool = False) -> nn.Module:
+    return RMSNorm(dim, eps, mesh, per_head)
 
 
 def torch_column(in_features: int, sections: Sequence[int], bias: bool, mesh: ParallelMesh,
@@ -50,7 +57,7 @@ def torch_embedding(vocab_size: int, dim: int, mesh: ParallelMesh) -> nn.Module:
     return VocabParallelEmbedding(vocab_size, dim, mesh.group("tp"), mesh.layout.tp_sequence_parallel)
 
 
-NormFactory = Callable[[int, float, ParallelMesh], nn.Module]          # (dim, eps, mesh)
+NormFactory = Callable[..., nn.Module]  # (dim, eps, mesh, per_head=False): per_head normalises each head (b, s, h, dim)
 ColumnFactory = Callable[..., nn.Module]  # (in, out sections, bias, mesh, eps=): eps for a fused pre-norm
 RowFactory = Callable[[int, int, bool, ParallelMesh], nn.Module]        # (in, out, bias, mesh)
 EmbeddingFactory = Callable[[int, int, ParallelMesh], nn.Module]        # (vocab, dim, mesh)
@@ -72,7 +79,8 @@ class LayerSpec:
     mlp_norm: NormFactory
     gate_up: ColumnFactory
     down: RowFactory
-    final_norm: NormFactory
+    norm: NormFactory
+    """A standalone RMSNorm: the final norm, and per-head norms (q / k norms) with per_head=True."""
     embedding: EmbeddingFactory
     rename: tuple[tuple[str, str], ...] = ()
     """(backend suffix, canonical suffix) pairs, e.g. ('attn.qkv.layer_norm_weight', 'attn_norm.weight')."""
@@ -91,7 +99,7 @@ def identity(*args, **kwargs) -> nn.Module:
 
 
 TORCH_SPEC = LayerSpec(name="torch", attn_norm=torch_norm, qkv=torch_column, attn_out=torch_row,
-                       mlp_norm=torch_norm, gate_up=torch_column, down=torch_row, final_norm=torch_norm,
+                       mlp_norm=torch_norm, gate_up=torch_column, down=torch_row, norm=torch_norm,
                        embedding=torch_embedding)
 
 def te_spec() -> LayerSpec:
@@ -99,7 +107,7 @@ def te_spec() -> LayerSpec:
     from . import te
 
     return LayerSpec(name="te", attn_norm=identity, qkv=te.te_norm_column, attn_out=te.te_row, mlp_norm=identity,
-                     gate_up=te.te_norm_column, down=te.te_row, final_norm=te.te_norm, embedding=te.te_embedding,
+                     gate_up=te.te_norm_column, down=te.te_row, norm=te.te_norm, embedding=te.te_embedding,
                      rename=(("attn.qkv.layer_norm_weight", "attn_norm.weight"),
                              ("mlp.gate_up.layer_norm_weight", "mlp_norm.weight")))
 

@@ -1,7 +1,6 @@
 """Transformer Engine backend: TE layers in the layer spec, TE fused attention as a core, FP8 recipes.
 
-TE modules hold the same local shards as the torch backend (our ShardSpec attributes are attached to their
-parameters), so init, gradient gathering and checkpoints stay layout- and backend-independent. TE fuses the
+TE modules hold the same local shards as the torch backend (each parameter carries our ParamInfo), so init, gradient gathering and checkpoints stay layout- and backend-independent. TE fuses the
 pre-attention and pre-MLP RMSNorm into the following column-parallel linear (`te.LayerNormLinear`); the spec's
 `rename` maps those norm weights back to the torch backend's names.
 """
@@ -13,7 +12,9 @@ import torch
 import torch.nn as nn
 
 from megalysses.parallel.mesh import ParallelMesh
-from megalysses.parallel.tensor import ShardSpec, VocabParallelEmbedding
+from megalysses.parallel.tensor import ParamInfo, ShardSpec, VocabParallelEmbedding, set_param_info
+
+from .spec import norm_weight_info
 
 
 class TransformerEngineUnavailable(RuntimeError):
@@ -41,15 +42,15 @@ def _tp_args(mesh: ParallelMesh) -> dict:
 
 
 def _mark(param: nn.Parameter, full_shape: Sequence[int], spec: Optional[ShardSpec]) -> None:
-    param.full_shape, param.shard_spec = tuple(full_shape), spec
+    set_param_info(param, ParamInfo(tuple(full_shape), spec))
 
 
-def te_norm(dim: int, eps: float, mesh: ParallelMesh) -> nn.Module:
+def te_norm(dim: int, eps: float, mesh: ParallelMesh, per_head: bool = False) -> nn.Module:
+    """te.RMSNorm over the last dim (the residual stream, or each head with per_head)."""
     te = import_te()
-    norm = te.RMSNorm(dim, eps=eps, sequence_parallel=mesh.layout.tp_sequence_parallel,
+    norm = te.RMSNorm(dim, eps=eps, sequence_parallel=mesh.layout.tp_sequence_parallel and not per_head,
                       params_dtype=torch.get_default_dtype(), device="cuda")
-    _mark(norm.weight, (dim,), None)
-    norm.weight.sequence_parallel = mesh.layout.tp_sequence_parallel
+    set_param_info(norm.weight, norm_weight_info(dim, mesh, per_head))
     return norm
 
 
@@ -72,8 +73,7 @@ def te_norm_column(in_features: int, sections: Sequence[int], bias: bool, mesh: 
     _mark(layer.weight, (sum(sections), in_features), spec)
     if bias:
         _mark(layer.bias, (sum(sections),), spec)
-    _mark(layer.layer_norm_weight, (in_features,), None)
-    layer.layer_norm_weight.sequence_parallel = mesh.layout.tp_sequence_parallel
+    set_param_info(layer.layer_norm_weight, norm_weight_info(in_features, mesh, per_head=False))
     return _sequence_first(layer, mesh)
 
 

@@ -158,18 +158,6 @@ def all_to_all_stacked(send: torch.Tensor, group: CommGroup) -> torch.Tensor:
     return recv
 
 
-def all_to_all_uneven(x: torch.Tensor, group: CommGroup, send_sizes: Sequence[int], recv_sizes: Sequence[int]) -> torch.Tensor:
-    """All-to-all along dim 0 with per-rank split sizes: send_sizes[i] rows go to rank i, recv_sizes[i] come from it."""
-    if _whole(group):
-        return x
-    x = x.contiguous()
-    out = torch.empty((sum(recv_sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    with _timed(group.clock, "all_to_all"):
-        dist.all_to_all_single(out, x, output_split_sizes=list(recv_sizes), input_split_sizes=list(send_sizes),
-                               group=group.pg)
-    return out
-
-
 def broadcast(x: torch.Tensor, group: CommGroup, src_group_rank: int = 0) -> torch.Tensor:
     """Broadcast x in place from the group's rank src_group_rank."""
     if not _whole(group):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from .collectives import CommClock, CommGroup
@@ -125,6 +126,13 @@ class ParallelMesh:
     def size(self, axis: str) -> int:
         """The degree of an axis."""
         return self.shape[AXES.index(axis)]
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device: its current GPU on a cuda mesh, else the CPU (the one place that decides it)."""
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(self.device_type)
 
     @property
     def is_first_stage(self) -> bool:

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megalysses.parallel.tensor import param_info
 from megalysses.config import load_model_config
 from megalysses.metrics import flops_per_token
 from megalysses.models.config import GPTConfig
@@ -78,7 +79,7 @@ def loss_and_grads(model: GPT, mesh: ParallelMesh, batch, with_logits: bool = Tr
     loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
     value = C.all_reduce(loss.detach(), mesh.group("dp", "sp")).item()
-    grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")) for n, p in model.canonical_parameters()}
+    grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")) for n, p in model.canonical_parameters()}
     return value, grads, logits
 
 

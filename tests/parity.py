@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from megalysses.parallel.tensor import param_info
 from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
 from megalysses.parallel import ParallelLayout, ParallelMesh
@@ -72,7 +73,7 @@ def sharded(cfg: GPTConfig, layout: ParallelLayout, batch: Batch) -> tuple[float
     loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
     reported = C.all_reduce(loss.detach().clone(), mesh.group("dp", "sp")).item()
-    grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")) for n, p in model.canonical_parameters()}
+    grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")) for n, p in model.canonical_parameters()}
     return reported, grads
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from megalysses.parallel.tensor import param_info
 from megalysses.config import TrainConfig
 from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
@@ -68,7 +69,7 @@ def micro_batches(batch, mesh: ParallelMesh, layout: ParallelLayout):
 def full_value(p: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
     """The full single-device tensor of a parameter: FSDP shards gathered over dp x sp, TP shards over tp."""
     local = p.full_tensor() if hasattr(p, "full_tensor") else p
-    return gather_full(local.detach().float(), p.shard_spec, mesh.group("tp"))
+    return gather_full(local.detach().float(), param_info(p).shard, mesh.group("tp"))
 
 
 def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "float32"):

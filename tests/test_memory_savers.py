@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from megalysses.parallel.tensor import param_info
 from megalysses.config import ConfigError, RunConfig, load_run_config
 from megalysses.models import memory as memory_module
 from megalysses.models.config import GPTConfig, MemoryConfig, ModelConfigError
@@ -215,7 +216,7 @@ def sharded(cfg, mesh: ParallelMesh, batch, memory: MemoryConfig):
         loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
     reported = C.all_reduce(loss.detach().clone(), mesh.group("dp", "sp")).item()
-    grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")) for n, p in model.named_parameters()}
+    grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")) for n, p in model.named_parameters()}
     return (reported, grads), spy.rows
 
 

@@ -5,6 +5,7 @@ also with the lockstep rounds planned for NCCL.
 import pytest
 import torch
 
+from megalysses.parallel.tensor import param_info
 from megalysses.models.config import GPTConfig
 from megalysses.models.pipeline import build_stage_chunks, run_pipeline_step
 from megalysses.parallel import ParallelLayout, ParallelMesh
@@ -113,7 +114,7 @@ def _pipeline_parity(rank, world, cfg, layout, coalesced=None):
     params = [p for chunk in chunks for p in chunk.parameters()]
     all_reduce_gradients(params, mesh)
     loss = C.all_reduce(loss, mesh.group("dp", "sp")).item()
-    grads = {n: gather_full(p.grad, p.shard_spec, mesh.group("tp")).numpy()  # numpy: pickled by value, not by fd
+    grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")).numpy()  # numpy: pickled by value, not by fd
              for c in chunks for n, p in c.canonical_parameters()}
     with torch.no_grad():  # the evaluation pass: forwards only, same loss
         evaluated = run_pipeline_step(chunks, layout.schedule, micro, mesh, total, backward=False, coalesced=coalesced)

@@ -54,8 +54,7 @@ class Checkpointer:
         self.root = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.everyone = C.CommGroup(None, tuple(range(self.world)), self.rank)  # pg None: the default group
-        self.device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
-            torch.device("cpu")
+        self.device = mesh.device
         self.skipped: list[str] = []  # checkpoints resume() passed over, and why
         self.extra_restored = False  # whether resume() brought back modules' extra state (TE FP8 scaling history)
 

@@ -10,9 +10,9 @@ import torch
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel.dp import DistributedOptimizer, FSDPGradSync
 from megalysses.parallel.dp.fsdp import shard_like
-from megalysses.parallel.dp.grads import is_pipeline_duplicate, local_values
+from megalysses.parallel.dp.grads import local_values
 from megalysses.parallel.dp.state import MOMENTS
-from megalysses.parallel.tensor import gather_full, shard
+from megalysses.parallel.tensor import gather_full, param_info, shard
 
 from .tensors import TensorReader
 
@@ -51,7 +51,7 @@ class TrainingState:
 
     def written_names(self) -> list[str]:
         """Canonical names this pipeline rank saves: all but a second copy of the tied embedding."""
-        return sorted({self.names[id(p)] for p in self.params if not is_pipeline_duplicate(p)})
+        return sorted({self.names[id(p)] for p in self.params if not param_info(p).pipeline_duplicate})
 
     # ------------------------------------------------------------------------------------------------- saving
 
@@ -69,16 +69,16 @@ class TrainingState:
     def gather_to_writers(self) -> dict[str, torch.Tensor]:
         """Collective over this pipeline rank's dp x sp x tp ranks: every full tensor, kept only by the one rank
         chosen to write it (sizes balanced over the ranks). Returns this rank's {key: full CPU tensor}."""
-        sizes = {self.names[id(p)]: _numel(p) for p in self.params if not is_pipeline_duplicate(p)}
+        sizes = {self.names[id(p)]: _numel(p) for p in self.params if not param_info(p).pipeline_duplicate}
         writer = assign_writers(sizes, self.stage.size)
         mine: dict[str, torch.Tensor] = {}
         for p, state in self.param_states():
             name = self.names[id(p)]
-            if is_pipeline_duplicate(p):
+            if param_info(p).pipeline_duplicate:
                 continue  # the same on every rank of this stage: skipped in step
             keep = writer[name] == self.stage.rank
             for kind, local in state.items():
-                full = local if kind == "step" else gather_full(local, p.shard_spec, self.tp)
+                full = local if kind == "step" else gather_full(local, param_info(p).shard, self.tp)
                 if keep:
                     mine[model_key(name) if kind == "master" else optimizer_key(name, kind)] = full.detach().cpu()
         return mine
@@ -89,10 +89,10 @@ class TrainingState:
         """Every tensor this rank needs is stored with the full shape the model expects (clear error if not)."""
         for p in self.params:
             name = self.names[id(p)]
-            reader.expect(model_key(name), p.full_shape)
+            reader.expect(model_key(name), param_info(p).full_shape)
             if with_optimizer:
                 for kind in MOMENTS:
-                    reader.expect(optimizer_key(name, kind), p.full_shape)
+                    reader.expect(optimizer_key(name, kind), param_info(p).full_shape)
                 reader.expect(optimizer_key(name, "step"), ())
 
     def load(self, reader: TensorReader, with_optimizer: bool = True) -> None:
@@ -127,7 +127,7 @@ class _LazyStates:
         keys = {"master": model_key(name), **{k: optimizer_key(name, k) for k in kinds}}
         full = self.reader.read(list(keys.values()), dtype=torch.float32)
         device = local_values(p).device
-        out = {kind: full[key] if kind == "step" else shard(full[key], p.shard_spec, tp.rank, tp.size).to(device)
+        out = {kind: full[key] if kind == "step" else shard(full[key], param_info(p).shard, tp.rank, tp.size).to(device)
                for kind, key in keys.items()}
         if not self.with_optimizer:
             out.update({k: torch.zeros_like(out["master"]) for k in MOMENTS}, step=torch.tensor(0.0))
@@ -161,7 +161,7 @@ def assign_writers(sizes: dict[str, int], writers: int) -> dict[str, int]:
 
 def _numel(p: torch.nn.Parameter) -> int:
     n = 1
-    for d in p.full_shape:
+    for d in param_info(p).full_shape:
         n *= d
     return n
 

@@ -9,13 +9,9 @@ import torch.nn as nn
 
 from .. import collectives as C
 from ..mesh import ParallelMesh
+from ..tensor.sharding import param_info, set_param_info
 from .grads import clip_gradients, local_values
 from .state import MOMENTS, check_state_shapes
-
-"""AdamW's per-element state tensors (besides the 0-d `step`), as the checkpoint stores them."""
-
-PARAM_ATTRS = ("shard_spec", "full_shape", "sequence_parallel")
-"""Attributes our layers set on parameters; fully_shard replaces the parameters, so they are carried over."""
 
 
 def data_parallel_mesh(mesh: ParallelMesh):
@@ -41,7 +37,7 @@ def fully_shard_model(model: nn.Module, mesh: ParallelMesh, modules: Sequence[nn
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # ~1 s to import: only when used
 
-    attrs = {name: {a: getattr(p, a) for a in PARAM_ATTRS if hasattr(p, a)} for name, p in model.named_parameters()}
+    infos = {name: param_info(p) for name, p in model.named_parameters()}  # fully_shard replaces the parameters
     dp_sp = data_parallel_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     # a container without forward (the ModuleList of pipeline chunks) cannot be a unit: its members are the roots
@@ -51,8 +47,7 @@ def fully_shard_model(model: nn.Module, mesh: ParallelMesh, modules: Sequence[nn
         module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
         module.set_gradient_divide_factor(1.0)
     for name, p in model.named_parameters():
-        for attr, value in attrs[name].items():
-            setattr(p, attr, value)
+        set_param_info(p, infos[name])
     return FSDPGradSync(roots, mesh)
 
 
@@ -86,7 +81,7 @@ class FSDPGradSync:
         if self._finished:
             return
         for p in self.params:
-            if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            if param_info(p).grad_sum_over_tp and p.grad is not None:
                 C.all_reduce(local_values(p.grad), self.mesh.group("tp"))
         self._finished = True
 

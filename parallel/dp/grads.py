@@ -9,11 +9,12 @@ import torch
 
 from .. import collectives as C
 from ..mesh import ParallelMesh
+from ..tensor.sharding import param_info
 
 
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], mesh: ParallelMesh) -> None:
-    """Sum each gradient over dp x sp; params marked `sequence_parallel` (norms under TP sequence parallelism)
-    also over tp, since each TP rank saw only its slice of the sequence.
+    """Sum each gradient over dp x sp; params whose ParamInfo says grad_sum_over_tp
+    (norms under TP sequence parallelism) also over tp, since each TP rank saw only its slice of the sequence.
 
     The loss is already normalised by the global token count, so a sum (not a mean) gives the exact gradient.
     """
@@ -21,7 +22,7 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], mesh: ParallelMes
     for p in params:
         if p.grad is None:
             continue
-        if getattr(p, "sequence_parallel", False):
+        if param_info(p).grad_sum_over_tp:
             C.all_reduce(p.grad, tp)
         C.all_reduce(p.grad, data)
 
@@ -29,22 +30,17 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], mesh: ParallelMes
 def global_grad_norm(params: Iterable[torch.nn.Parameter], mesh: ParallelMesh) -> torch.Tensor:
     """L2 norm of the whole model's gradient, counting every parameter exactly once.
 
-    Call after all_reduce_gradients (dp x sp replicas then agree). TP shards (params with a shard_spec) are summed
+    Call after all_reduce_gradients (dp x sp replicas then agree). TP shards (a ShardSpec in the ParamInfo) are summed
     over tp; TP-replicated params are identical on every TP rank and counted once; pipeline stages hold disjoint
-    params and are summed over pp, except the last stage's copy of a tied embedding (marked
-    `pipeline_duplicate`), left out. FSDP gradients (DTensors sharded over dp x sp) are disjoint pieces: summed
+    params and are summed over pp, except the last stage's copy of a tied embedding (its ParamInfo says
+    pipeline_duplicate), left out. FSDP gradients (DTensors sharded over dp x sp) are disjoint pieces: summed
     over dp x sp.
     """
     params = list(params)
-    pieces = ((local_values(p.grad), getattr(p, "shard_spec", None) is not None, _data_split(p.grad))
-              for p in params if p.grad is not None and not is_pipeline_duplicate(p))
-    sq = sum_of_squares(pieces, _device(mesh))
+    pieces = ((local_values(p.grad), param_info(p).shard is not None, _data_split(p.grad))
+              for p in params if p.grad is not None and not param_info(p).pipeline_duplicate)
+    sq = sum_of_squares(pieces, mesh.device)
     return global_norm(sq, mesh, data_split=any(_data_split(p) for p in params))
-
-
-def is_pipeline_duplicate(p: torch.nn.Parameter) -> bool:
-    """A second copy of a parameter on another pipeline stage (the tied embedding on the last stage)."""
-    return bool(getattr(p, "pipeline_duplicate", False))
 
 
 def sum_of_squares(pieces: Iterable[tuple[torch.Tensor, bool, bool]], device: Optional[torch.device] = None
@@ -82,10 +78,6 @@ def _is_dtensor(t: Optional[torch.Tensor]) -> bool:
     """isinstance(t, DTensor) without importing DTensor (slow) when nothing has created one."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(t, dtensor.DTensor)
-
-
-def _device(mesh: ParallelMesh) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float, mesh: ParallelMesh) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 from .. import collectives as C
 from ..mesh import ParallelMesh
 from .buffers import ALIGN, Bucket, GradBuffer, Segment
-from .grads import global_norm, is_pipeline_duplicate, sum_of_squares
+from ..tensor.sharding import param_info
+from .grads import global_norm, sum_of_squares
 
 
 class GradSync:
@@ -23,7 +24,7 @@ class GradSync:
 
     The loss is each rank's share of the global token-weighted mean, so gradients are summed, not averaged.
     With `shard` (ZeRO-1) each bucket is reduce-scattered: rank r of dp x sp holds the sum of chunk r only.
-    Parameters marked `sequence_parallel` (norm weights under TP sequence parallelism) sit in their own buffer and
+    Parameters whose ParamInfo says grad_sum_over_tp (norm weights under TP sequence parallelism) sit in their own buffer and
     are also summed over tp in finish().
     """
 
@@ -39,7 +40,7 @@ class GradSync:
         pad_to = self.shards * (ALIGN if params[0].is_cuda else 1)  # every rank's chunk equally long (and aligned)
         self.buffers: list[GradBuffer] = []
         for sum_over_tp in (False, True):  # sequence-parallel params last: their buckets complete at the very end
-            members = [p for p in params if bool(getattr(p, "sequence_parallel", False)) == sum_over_tp]
+            members = [p for p in params if param_info(p).grad_sum_over_tp == sum_over_tp]
             if members:
                 self.buffers.append(GradBuffer(members, bucket_numel, pad_to, sum_over_tp))
         self.buckets: list[Bucket] = []  # the launch order, the same on every rank
@@ -162,8 +163,9 @@ class GradSync:
         """Global gradient norm (each element once across tp, pp, sp, dp); scales the gradients so it is at most
         max_norm (0 disables). Call after finish(); returns the norm before clipping."""
         segments = self.owned_segments()
-        sq = sum_of_squares(((s.grad, getattr(s.param, "shard_spec", None) is not None, self.shard)
-                             for s in segments if not is_pipeline_duplicate(s.param)), self.buffers[0].data.device)
+        infos = {id(s.param): param_info(s.param) for s in segments}
+        sq = sum_of_squares(((s.grad, infos[id(s.param)].shard is not None, self.shard)
+                             for s in segments if not infos[id(s.param)].pipeline_duplicate), self.buffers[0].data.device)
         norm = global_norm(sq, self.mesh, data_split=self.shard)
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)

@@ -11,8 +11,6 @@ from .grads import local_values
 from .state import MOMENTS, check_state_shapes
 from .sync import GradSync
 
-"""AdamW's per-element state tensors (besides the 0-d `step`), as the checkpoint stores them."""
-
 
 class DistributedOptimizer:
     """A torch optimizer (AdamW by default) stepping fp32 master copies of the elements this rank owns.

@@ -2,7 +2,8 @@
 
 from .cross_entropy import vocab_parallel_cross_entropy
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_logits
-from .sharding import ShardSpec, gather_full, shard, unshard
+from .sharding import ParamInfo, ShardSpec, gather_full, param_info, set_param_info, shard, unshard, update_param_info
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "ShardSpec", "VocabParallelEmbedding", "gather_full", "shard", "unshard",
+__all__ = ["ColumnParallelLinear", "ParamInfo", "RowParallelLinear", "ShardSpec", "param_info", "set_param_info",
+           "update_param_info", "VocabParallelEmbedding", "gather_full", "shard", "unshard",
            "vocab_parallel_cross_entropy", "vocab_parallel_logits"]

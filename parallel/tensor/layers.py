@@ -9,18 +9,15 @@ import torch.nn.functional as F
 
 from ..collectives import CommGroup
 from .mappings import enter_parallel_region, leave_parallel_region, reduce_from_region, reduce_scatter_sequence
-from .sharding import ShardSpec
+from .sharding import ParamInfo, ShardSpec, set_param_info, update_param_info
 
 
 def sharded_parameter(full_shape: Sequence[int], spec: Optional[ShardSpec], group: CommGroup) -> nn.Parameter:
-    """An uninitialised parameter holding this rank's shard; it remembers its full shape and ShardSpec."""
+    """An uninitialised parameter holding this rank's shard, with its ParamInfo (full shape, ShardSpec)."""
     shape = list(full_shape)
     if spec is not None:
         shape[spec.dim] = spec.local_size(group.size)
-    param = nn.Parameter(torch.empty(shape))
-    param.full_shape = tuple(full_shape)
-    param.shard_spec = spec
-    return param
+    return set_param_info(nn.Parameter(torch.empty(shape)), ParamInfo(tuple(full_shape), spec))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -50,6 +47,8 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = sharded_parameter((out_features, in_features), ShardSpec(dim=1, sections=(in_features,)), group)
         self.bias = sharded_parameter((out_features,), None, group) if bias else None
+        if bias and sequence_parallel:  # added after the reduce-scatter: each tp rank's gradient covers its tokens
+            update_param_info(self.bias, grad_sum_over_tp=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (b, s, in / tp) -> (b, s, out) [or (b, s / tp, out) under sequence parallelism]

@@ -58,19 +58,6 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return C.all_gather(grad, ctx.group, dim=ctx.dim), None, None
 
 
-class _ScatterSequence(torch.autograd.Function):
-    """Keep this rank's chunk along the sequence forward, all-gather backward."""
-
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return x.chunk(group.size, dim=dim)[group.rank].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return C.all_gather(grad, ctx.group, dim=ctx.dim), None, None
-
-
 def copy_to_region(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
     return x if group.size == 1 else _CopyToRegion.apply(x, group)
 
@@ -85,10 +72,6 @@ def gather_sequence(x: torch.Tensor, group: CommGroup, dim: int = 1) -> torch.Te
 
 def reduce_scatter_sequence(x: torch.Tensor, group: CommGroup, dim: int = 1) -> torch.Tensor:
     return x if group.size == 1 else _ReduceScatterSequence.apply(x, group, dim)
-
-
-def scatter_sequence(x: torch.Tensor, group: CommGroup, dim: int = 1) -> torch.Tensor:
-    return x if group.size == 1 else _ScatterSequence.apply(x, group, dim)
 
 
 def enter_parallel_region(x: torch.Tensor, group: CommGroup, sequence_parallel: bool) -> torch.Tensor:

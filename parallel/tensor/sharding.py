@@ -1,7 +1,8 @@
-"""ShardSpec: how one full (layout-independent) tensor maps onto its tensor-parallel shards, and back."""
+"""ShardSpec: how one full (layout-independent) tensor maps onto its tensor-parallel shards, and back; ParamInfo: a
+parameter's parallel facts as one typed record."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,48 @@ class ShardSpec:
 
     def local_size(self, world: int) -> int:
         return sum(self.local_sections(world))
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What the parallel machinery must know of one parameter; set once where the parameter is made (param_info)."""
+
+    full_shape: tuple[int, ...]
+    """Shape of the whole, layout-independent tensor (what init, checkpoints and conversion see)."""
+    shard: Optional[ShardSpec] = None
+    """How the whole tensor is split over tp; None: every tp rank holds all of it."""
+    grad_sum_over_tp: bool = False
+    """Held whole on every tp rank, but each rank's gradient covers only its own tokens or heads (norm weights under
+    tp sequence parallelism, per-head q / k norms): the gradient is summed over tp."""
+    pipeline_duplicate: bool = False
+    """A second copy on another pipeline stage (the tied embedding on the last stage): its gradient is summed with
+    the first copy's, and it is counted (in the gradient norm) and saved once, on the first stage."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "full_shape", tuple(int(d) for d in self.full_shape))
+
+
+_INFO = "parallel_info"  # the one attribute a parameter carries (FSDP copies it onto the parameters it makes)
+
+
+def set_param_info(param: torch.Tensor, info: ParamInfo) -> torch.Tensor:
+    """Attach the record to a parameter; returns the parameter."""
+    setattr(param, _INFO, info)
+    return param
+
+
+def param_info(param: torch.Tensor) -> ParamInfo:
+    """The record of a parameter built by our layers (or a clear error for one that was built elsewhere)."""
+    info = getattr(param, _INFO, None)
+    if info is None:
+        raise TypeError(f"a parameter of shape {tuple(param.shape)} has no ParamInfo: build it with our layers "
+                        "(parallel.tensor / models.spec), or give it one with set_param_info(p, ParamInfo(...))")
+    return info
+
+
+def update_param_info(param: torch.Tensor, **changes) -> None:
+    """Change fields of a parameter's record (e.g. pipeline_duplicate=True)."""
+    set_param_info(param, replace(param_info(param), **changes))
 
 
 def shard(full: torch.Tensor, spec: Optional[ShardSpec], rank: int, world: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,12 @@ import torch.distributed as dist
 from megalysses.parallel import collectives as C
 from megalysses.parallel import ParallelMesh
 
+from megalysses.parallel.launch import launch, launch_world_size
+
 from .config import ConfigError, RunConfig, load_run_config
 from .metrics import flops_per_token, hardware_flops_per_token, matmul_tflops, mfu
-from .train import (QUICKSTART, Batcher, Precision, build_model_and_optimizer, launch, rank_device, train_step,
-                    under_torchrun)
+from .train import QUICKSTART
+from .trainer import Trainer
 
 COLUMNS = ("setup", "layout", "dev", "seq", "tok/step", "s/step", "tok/s", "TFLOP/s", "MFU", "MFU/ceil",
            "HW TFLOP/s", "peak GiB", "a2a", "coll", "p2p")
@@ -72,12 +73,13 @@ def random_rows(cfg: RunConfig, mesh: ParallelMesh, seq_len: int, seed: int):
 
 
 class Bench:
-    """One rank's model, optimizer and precision, built once and timed at each sequence length."""
+    """One rank's Trainer, built once and timed at each sequence length."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
-        self.cfg, self.device, self.world = cfg, device, dist.get_world_size()
-        self.mesh, self.chunks, self.sync, self.optimizer = build_model_and_optimizer(cfg, device)
-        self.precision = Precision(cfg, self.mesh, device)
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.world = cfg, dist.get_world_size()
+        self.trainer = Trainer(cfg)
+        self.mesh, self.device = self.trainer.mesh, self.trainer.device
+        device = self.device
         self.everyone = C.CommGroup(None, tuple(range(self.world)), dist.get_rank())  # the default group
         self.ceiling = matmul_tflops(device) if device.type == "cuda" else None
 
@@ -85,23 +87,22 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def steps(self, batches, cfg: RunConfig, n: int) -> list[dict]:
-        return [train_step(self.chunks, self.sync, self.optimizer, batches, self.mesh, cfg, i, self.precision)
-                for i in range(n)]
+    def steps(self, batches, n: int) -> list[dict]:
+        return [self.trainer.train_step(batches, i) for i in range(n)]
 
     def measure(self, seq_len: int, steps: int, warmup: int, profile: Optional[Path] = None) -> dict:
         """Warm up, time `steps` training steps at this length; the row as a dict (identical on every rank)."""
         cfg = with_seq_len(self.cfg, seq_len)
         cfg.check(self.world)
-        batches = Batcher(cfg, self.mesh, self.device).micro_batches(*random_rows(cfg, self.mesh, seq_len, seq_len))
+        batches = self.trainer.batcher.micro_batches(*random_rows(cfg, self.mesh, seq_len, seq_len))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.steps(batches, cfg, warmup)
+        self.steps(batches, warmup)
         self.sync_device()
         C.barrier(self.everyone)
         self.mesh.clock.start()
         tic = time.perf_counter()
-        losses = [m["loss"] for m in self.steps(batches, cfg, steps)]
+        losses = [m["loss"] for m in self.steps(batches, steps)]
         self.sync_device()
         elapsed = time.perf_counter() - tic
         comm = self.mesh.clock.stop()
@@ -137,11 +138,11 @@ class Bench:
         from torch.profiler import ProfilerActivity, profile
 
         if dist.get_rank() != 0:
-            self.steps(batches, cfg, 1)
+            self.steps(batches, 1)
             return {}
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            self.steps(batches, cfg, 1)
+            self.steps(batches, 1)
             self.sync_device()
         folder.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(folder / f"trace-seq{cfg.train.seq_len}-rank0.json.gz"))
@@ -203,8 +204,8 @@ def table_row(row: dict) -> str:
 def run_bench(cfg: RunConfig, args: argparse.Namespace) -> list[dict]:
     """Every requested length on this rank, printing rows (rank 0) as they finish; returns the rows."""
     rank = dist.get_rank()
-    device = rank_device(cfg)
-    bench = Bench(cfg, device)
+    bench = Bench(cfg)
+    device = bench.device
     if rank == 0:
         ceiling = f"{bench.ceiling:.0f} TFLOP/s measured bf16 matmul" if bench.ceiling else "no matmul ceiling on CPU"
         print(f"megalysses-bench: {bench.world} x {device.type} "
@@ -229,10 +230,6 @@ def run_bench(cfg: RunConfig, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _rank_entry(rank: int, world: int, cfg: RunConfig, args: argparse.Namespace) -> list[dict]:
-    return run_bench(cfg, args)
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="megalysses-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,13 +251,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_run_config(args.config, ["train.init=device"] + list(args.overrides))
-        world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else cfg.train.nproc
+        world = launch_world_size(cfg.train.nproc)
         for seq_len in args.seq_lens or [cfg.train.seq_len]:
             with_seq_len(cfg, seq_len).check(world)
     except (ConfigError, FileNotFoundError) as err:
         print(f"megalysses-bench: config error: {err}", file=sys.stderr)
         return 2
-    return launch("megalysses-bench", "megalysses.bench", cfg, run_bench, _rank_entry, args)
+    return launch(run_bench, cfg, args, nproc=cfg.train.nproc, device_type=cfg.train.device, command="megalysses.bench")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@ learning-rate schedules."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from megalysses.parallel import ParallelMesh
-from megalysses.parallel.dp import DistributedOptimizer, FSDPGradSync, GradSync, fully_shard_model
+from megalysses.parallel.dp import (BucketedDataParallel, DataParallel, DistributedOptimizer, FullyShardedDataParallel,
+                                    GradSync, fully_shard_model)
 
 from .config import TrainConfig
 
@@ -37,8 +38,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainConfig,
                         shard_modules: Sequence[torch.nn.Module] = (), bucket_mb: float = DEFAULT_BUCKET_MB
-                        ) -> tuple[Union[GradSync, FSDPGradSync], Union[DistributedOptimizer, torch.optim.AdamW]]:
-    """(grad sync, optimizer) for mesh.layout.zero; call after init_weights, with the model in float32.
+                        ) -> DataParallel:
+    """The gradient sync + AdamW for mesh.layout.zero; call after init_weights, with the model in float32.
 
     zero 0: bucketed all-reduce over dp x sp overlapped with backward; fp32 masters of the whole model.
     zero 1: bucketed reduce-scatter; masters and AdamW state sharded over dp x sp; params all-gathered after step.
@@ -48,12 +49,12 @@ def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainCo
     param_dtype: Optional[torch.dtype] = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     if mesh.layout.zero == 3:
         sync = fully_shard_model(model, mesh, shard_modules, param_dtype)
-        return sync, build_optimizer(model, cfg)
+        return FullyShardedDataParallel(sync, build_optimizer(model, cfg))
     sync = GradSync(model.parameters(), mesh, bucket_mb=bucket_mb, shard=mesh.layout.zero == 1)
     groups = param_groups(model.parameters(), cfg.weight_decay)
     optimizer = DistributedOptimizer(groups, sync, torch.optim.AdamW, param_dtype=param_dtype,
                                      **_adamw_kwargs(cfg, sync.params))
-    return sync, optimizer
+    return BucketedDataParallel(sync, optimizer)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -5,6 +5,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
 
+Backend = Literal["torch", "te"]
+BACKENDS = get_args(Backend)
+AttentionCore = Literal["sdpa", "flash", "te", "auto"]
+ATTENTION_CORES = get_args(AttentionCore)
+
+
 class ModelConfigError(ValueError):
     """An inconsistent model configuration; the message names the fields and the fix."""
 
@@ -55,15 +61,18 @@ class GPTConfig:
     """Bias on the q, k, v projections (Qwen2)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
-    attention_core: str = "sdpa"
+    attention_core: AttentionCore = "sdpa"
     """Local attention kernel inside the Ulysses head-sharded region: 'sdpa' (torch SDPA: cuDNN / flash / math
     kernels), 'flash' (flash-attn), 'te' (Transformer Engine fused attention), 'auto' (fastest installed)."""
     softmax_scale: Optional[float] = None
     """Scale of q.k inside softmax; None means 1 / sqrt(head_dim). Every attention core uses it."""
-    backend: str = "torch"
+    backend: Backend = "torch"
     """Layer backend: 'torch' (our layers, CPU and GPU) or 'te' (Transformer Engine linear / norm layers, CUDA)."""
 
     def __post_init__(self):
+        for name, choices in (("backend", BACKENDS), ("attention_core", ATTENTION_CORES)):
+            if getattr(self, name) not in choices:
+                raise ModelConfigError(f"model.{name} = {getattr(self, name)!r}: choose one of {', '.join(choices)}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:

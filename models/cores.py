@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .config import ATTENTION_CORES
+
 logger = logging.getLogger("megalysses")
 
 
@@ -133,11 +135,9 @@ def choose_auto_core() -> tuple[str, str]:
     return "sdpa", f"{found[0]} is installed, but SDPA's cuDNN kernels are faster on this GPU"
 
 
-CORES = ("sdpa", "flash", "te", "auto")
-
-
 def resolve_auto_core(cfg):
-    """The model config with attention_core 'auto' replaced by the core it picks, logging which and why."""
+    """The model config with attention_core 'auto' replaced by the core it picks, logging which and why (the one
+    place 'auto' is decided)."""
     if cfg.attention_core != "auto":
         return cfg
     name, reason = choose_auto_core()
@@ -146,11 +146,8 @@ def resolve_auto_core(cfg):
 
 
 def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, scale: Optional[float] = None):
-    """The local attention core for a config name, built for `heads` / `kv_heads` per rank inside the Ulysses
-    head-sharded region. 'auto' logs which core runs and why."""
-    if name == "auto":
-        name, reason = choose_auto_core()
-        logger.info("attention core: %s (%s)", name, reason)
+    """The local attention core for a config name (not 'auto': resolve_auto_core first), built for `heads` /
+    `kv_heads` per rank inside the Ulysses head-sharded region."""
     if name == "sdpa":
         return sdpa_attention
     if name == "flash":
@@ -159,5 +156,6 @@ def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, sc
         from .te import TEAttentionCore
 
         return TEAttentionCore(heads, kv_heads, head_dim, scale)
-    raise ValueError(f"attention_core = {name!r}: choose one of {', '.join(CORES)}")
+    raise ValueError(f"attention_core = {name!r}: choose one of {', '.join(c for c in ATTENTION_CORES if c != 'auto')} "
+                     "(resolve 'auto' with resolve_auto_core(cfg) first)")
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalysses.parallel.kernel_fusion import fused
+from megalysses.parallel.layout import ulysses_heads
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
 from megalysses.parallel.tensor import param_info, shard, vocab_parallel_cross_entropy, vocab_parallel_logits
@@ -34,9 +35,8 @@ class Attention(nn.Module):
         self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh,
                             eps=cfg.rms_norm_eps)
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
-        sp = self.sp_group.size  # after the all-to-all: h/tp/sp query heads, kv heads replicated up to sp if fewer
-        self.core = build_attention_core(cfg.attention_core, self.heads // sp, max(self.kv_heads, sp) // sp,
-                                         cfg.head_dim, cfg.softmax_scale)
+        core_heads, core_kv_heads = ulysses_heads(self.sp_group.size, self.heads, self.kv_heads)  # after the all-to-all
+        self.core = build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim, cfg.softmax_scale)
         self.scale = cfg.softmax_scale
         self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
         self.offload = memory.offload_activations

@@ -8,12 +8,14 @@ Fusions: our `attn.qkv` is [q; k; v] stacked on the output rows, our `mlp.gate_u
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Container, Iterator, Mapping, Optional
 
 import torch
 
 from megalysses.parallel.tensor import param_info, shard
 
+from .build import model_inventory
 from .config import GPTConfig, RopeScaling
 from .gpt import GPT
 
@@ -135,26 +137,39 @@ def hf_config_from_gpt(cfg: GPTConfig, family: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ state dicts
 
+HF_PARTS: dict[str, tuple[str, ...]] = {
+    "embed.weight": ("model.embed_tokens.weight",),
+    "blocks.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
+    "blocks.{i}.attn.qkv.weight": tuple(f"model.layers.{{i}}.self_attn.{x}_proj.weight" for x in "qkv"),
+    "blocks.{i}.attn.qkv.bias": tuple(f"model.layers.{{i}}.self_attn.{x}_proj.bias" for x in "qkv"),
+    "blocks.{i}.attn.out.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
+    "blocks.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+    "blocks.{i}.mlp.gate_up.weight": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    "blocks.{i}.mlp.down.weight": ("model.layers.{i}.mlp.down_proj.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "head.weight": ("lm_head.weight",),
+}
+"""Our canonical name (a block's with {i}) -> the HF tensors it holds, stacked on dim 0 in the order of its ShardSpec
+sections (q | k | v, gate | up). Names and shapes come from the model's own inventory; this table only maps them."""
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
 def _layout(cfg: GPTConfig) -> Iterator[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
-    """(our name, [(HF name, HF shape), ...]) for every tensor; several HF parts are stacked on dim 0 in ours."""
-    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    yield "embed.weight", [("model.embed_tokens.weight", (cfg.vocab_size, d))]
-    for i in range(cfg.num_layers):
-        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
-        attn = hf + "self_attn."
-        yield ours + "attn_norm.weight", [(hf + "input_layernorm.weight", (d,))]
-        yield ours + "attn.qkv.weight", [(attn + "q_proj.weight", (q, d)), (attn + "k_proj.weight", (kv, d)),
-                                         (attn + "v_proj.weight", (kv, d))]
-        if cfg.qkv_bias:
-            yield ours + "attn.qkv.bias", [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
-                                           (attn + "v_proj.bias", (kv,))]
-        yield ours + "attn.out.weight", [(attn + "o_proj.weight", (d, q))]
-        yield ours + "mlp_norm.weight", [(hf + "post_attention_layernorm.weight", (d,))]
-        yield ours + "mlp.gate_up.weight", [(hf + "mlp.gate_proj.weight", (f, d)), (hf + "mlp.up_proj.weight", (f, d))]
-        yield ours + "mlp.down.weight", [(hf + "mlp.down_proj.weight", (d, f))]
-    yield "norm.weight", [("model.norm.weight", (d,))]
-    if not cfg.tie_embeddings:
-        yield "head.weight", [("lm_head.weight", (cfg.vocab_size, d))]
+    """(our name, [(HF name, HF shape), ...]) for every parameter of the model's inventory, in model order."""
+    for ours, info in model_inventory(cfg).items():
+        block = _BLOCK.fullmatch(ours)
+        key = f"blocks.{{i}}.{block[2]}" if block else ours
+        if key not in HF_PARTS:
+            raise KeyError(f"parameter {ours!r} has no Hugging Face name: add {key!r} to models.hf.HF_PARTS")
+        names = [n.format(i=block[1]) if block else n for n in HF_PARTS[key]]
+        if len(names) == 1:
+            yield ours, [(names[0], info.full_shape)]
+            continue
+        sections = info.shard.sections  # the stacked parts, in order
+        if len(sections) != len(names):
+            raise ValueError(f"parameter {ours!r} stacks {len(sections)} parts, HF_PARTS names {len(names)}")
+        yield ours, [(n, (rows,) + info.full_shape[1:]) for n, rows in zip(names, sections)]
 
 
 def _stacked_shape(parts: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
@@ -167,8 +182,8 @@ def hf_names(cfg: GPTConfig) -> list[str]:
 
 
 def our_names(cfg: GPTConfig) -> list[str]:
-    """Our full (unsharded) parameter names for `cfg`."""
-    return [name for name, _ in _layout(cfg)]
+    """Our full (unsharded) parameter names for `cfg`: its inventory's."""
+    return list(model_inventory(cfg))
 
 
 def _fetch(get: Callable[[str], torch.Tensor], name: str, shape: tuple[int, ...], source: str) -> torch.Tensor:

@@ -1,42 +1,24 @@
-"""GPT as pipeline stages: build this rank's chunks, and run one training (or evaluation) step through a schedule.
+"""One training (or evaluation) step of GPT chunks through a pipeline schedule; pp = 1 is the one-stage case.
 
 The schedule, its communication and the executor are model-agnostic (megalysses.parallel.pipeline); what is GPT
-here: which layers and ends a chunk holds, the boundary shape, and calling a chunk on a micro-batch.
+here: the tied embedding's copies, the boundary shape, and calling a chunk on a micro-batch. build_model
+(models/build.py) makes the chunks.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
 from megalysses.parallel import collectives as C
 from megalysses.parallel.mesh import ParallelMesh
-from megalysses.parallel.pipeline import (AutogradStage, all_reduce_tied_gradients, local_virtual_stages, plan_rank,
-                                          run_rounds, stage_layer_ids)
+from megalysses.parallel.pipeline import AutogradStage, all_reduce_tied_gradients, plan_rank, run_rounds
 from megalysses.parallel.sequence import token_weighted_loss
-from megalysses.parallel.tensor import update_param_info
 
-from .config import GPTConfig
 from .gpt import GPT
-from .spec import TORCH_SPEC, LayerSpec
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (ids, positions, labels), each (micro, s / sp)
-
-
-def build_stage_chunks(cfg: GPTConfig, mesh: ParallelMesh, spec: LayerSpec = TORCH_SPEC, **gpt_kwargs) -> list[GPT]:
-    """This rank's model chunks, one per virtual stage (chunk c is virtual stage c * pp + rank): the embedding on
-    virtual stage 0, final norm + head + loss on the last (which also holds the tied embedding). gpt_kwargs go to
-    every GPT (e.g. memory=...)."""
-    pp, vpp = mesh.size("pp"), mesh.layout.vpp
-    layers = stage_layer_ids(mesh.layout, cfg.num_layers)
-    last = pp * vpp - 1
-    chunks = [GPT(cfg, mesh, spec, layer_ids=layers[v], pre_process=v == 0, post_process=v == last, **gpt_kwargs)
-              for v in local_virtual_stages(pp, vpp, mesh.rank("pp"))]
-    for c in chunks:
-        if c.post_process and not c.pre_process and cfg.tie_embeddings:
-            update_param_info(c.embed.weight, pipeline_duplicate=True)  # the first stage's copy is counted and saved
-    return chunks
 
 
 def tied_parameters(chunks: Sequence[GPT]) -> list[torch.nn.Parameter]:
@@ -67,7 +49,8 @@ def chunk_forward(chunk: GPT, micro_batches: Sequence[MicroBatch], total_valid: 
 
 def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Sequence[MicroBatch], mesh: ParallelMesh,
                       total_valid: torch.Tensor, autocast: Optional[ContextManager] = None,
-                      backward: bool = True, sync_tied: bool = True, coalesced: Optional[bool] = None) -> torch.Tensor:
+                      backward: bool = True, sync_tied: bool = True, coalesced: Optional[bool] = None,
+                      no_sync: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
     """Forward and backward of every micro-batch through the pipeline under `schedule`; returns this dp x sp
     rank's loss share (the same on every stage), with gradients accumulated and tied embeddings synchronised.
 
@@ -76,19 +59,22 @@ def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Seque
     evaluation pass, forwards only (call it under torch.no_grad()). sync_tied=False leaves the tied-embedding
     gradient sum to the caller (a gradient buffer that has already taken the gradients over). coalesced: plan
     for a backend whose p2p batches complete only as a whole (NCCL: lockstep rounds, every schedule runs); by
-    default whether this backend does; True on gloo runs the lockstep plan there too.
+    default whether this backend does; True on gloo runs the lockstep plan there too. no_sync: a data-parallel
+    implementation's context in which every backward but each chunk's last runs (only accumulating), so the
+    gradient reduction starts during the last one and overlaps it.
     """
     pp, vpp, rank = mesh.size("pp"), mesh.layout.vpp, mesh.rank("pp")
     if len(chunks) != vpp:
         raise ValueError(f"{len(chunks)} model chunks on pipeline rank {rank}, but layout.vpp = {vpp}: build them "
-                         "with build_stage_chunks(cfg, mesh)")
+                         "with build_model(cfg, mesh)")
     shape = _uniform_shape(micro_batches)  # (micro, s / sp)
     ids = micro_batches[0][0]
     if coalesced is None:
         coalesced = pp > 1 and C.p2p_batches_coalesce(ids.device)
     rounds = plan_rank(schedule, pp, vpp, len(micro_batches), rank, backward, coalesced)  # proved by simulation
     autocast = autocast if autocast is not None else contextlib.nullcontext()
-    stages = [AutogradStage(chunk_forward(c, micro_batches, total_valid, autocast)) for c in chunks]
+    stages = [AutogradStage(chunk_forward(c, micro_batches, total_valid, autocast), len(micro_batches), no_sync)
+              for c in chunks]
     dtype = next(chunks[0].parameters()).dtype
     losses = run_rounds(rounds, stages, mesh, boundary_shape(chunks[0], shape), dtype, ids.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=ids.device)

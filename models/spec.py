@@ -13,6 +13,8 @@ from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.tensor import (ColumnParallelLinear, ParamInfo, RowParallelLinear, VocabParallelEmbedding,
                                         set_param_info)
 
+from .config import BACKENDS, Backend
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w over the last dim, computed in float32 (a residual-stream norm, or per head)."""
@@ -112,10 +114,7 @@ def te_spec() -> LayerSpec:
                              ("mlp.gate_up.layer_norm_weight", "mlp_norm.weight")))
 
 
-BACKENDS = ("torch", "te")
-
-
-def layer_spec(name: str) -> LayerSpec:
+def layer_spec(name: Backend) -> LayerSpec:
     """The spec of a backend: 'torch' (runs anywhere) or 'te' (Transformer Engine, CUDA only)."""
     if name == "torch":
         return TORCH_SPEC

@@ -1,4 +1,5 @@
-"""Run a function on N local CPU ranks (gloo, forkserver processes, file store): tests and the CPU quick-start."""
+"""Start ranks: `launch` for the command-line tools (under torchrun: this process is one rank; otherwise N local CPU
+ranks), and `run_ranks` (gloo, forkserver processes, file store) for tests and the CPU quick-start."""
 from __future__ import annotations
 
 import datetime
@@ -55,6 +56,46 @@ def _rank_main(fn, rank: int, world: int, store_path: str, dump_dir: str, timeou
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher) started this process as one rank of a job."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch_world_size(nproc: int) -> int:
+    """The number of ranks `launch` will run on: torchrun's world size, else nproc local CPU ranks."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else nproc
+
+
+def launch(fn: Callable[..., Any], *args, nproc: int, device_type: str, command: str) -> int:
+    """fn(*args) on every rank; returns the exit code. Under torchrun this process is one rank (NCCL on CUDA, gloo
+    on CPU); otherwise `nproc` gloo CPU ranks start here (fn module-level, picklable). `command` names the tool in
+    messages (e.g. 'megalysses.train')."""
+    if under_torchrun():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        try:
+            fn(*args)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    if device_type == "cuda":
+        print(f"{command}: device cuda needs one process per GPU: start it with "
+              f"torchrun --nproc-per-node N -m {command} ...", file=sys.stderr)
+        return 2
+    run_ranks(_without_rank, nproc, fn, *args, timeout=7 * 24 * 3600.0)
+    return 0
+
+
+def _without_rank(rank: int, world: int, fn: Callable[..., Any], *args) -> Any:
+    return fn(*args)  # a launched function reads its rank from torch.distributed, as under torchrun
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0, **kwargs) -> list[Any]:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 AXES = ("pp", "dp", "sp", "tp")  # outermost -> innermost: tp innermost keeps its traffic on the fastest links
-SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b")
+Schedule = Literal["1f1b", "gpipe", "interleaved-1f1b"]
+SCHEDULES = get_args(Schedule)  # the one list of schedule names (parallel.pipeline.schedules implements each)
+ZeroLevel = Literal[0, 1, 3]
+ZERO_LEVELS = get_args(ZeroLevel)
 
 
 class LayoutError(ValueError):
@@ -14,6 +17,23 @@ class LayoutError(ValueError):
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def ulysses_heads(sp: int, heads: Optional[int], kv_heads: int, where: str = "", detail: str = ""
+                  ) -> tuple[Optional[int], int]:
+    """The Ulysses head rule, (query heads, kv heads) per SP rank inside the attention region: sp divides the query
+    heads, and sp divides the kv heads or is a multiple of them (each kv head then goes to the sp / kv_heads ranks
+    whose queries use it). `heads` None checks the kv heads alone; `where` says whose heads in the errors, `detail` how the query heads came about."""
+    candidates = _divisors(heads) if heads is not None else range(1, 2 * sp + 1)
+    ok = [d for d in candidates if kv_heads % d == 0 or d % kv_heads == 0]
+    if heads is not None and heads % sp:
+        raise LayoutError(f"sp = {sp} does not divide the {heads} heads{where}{detail}; Ulysses gives each SP rank whole "
+                          f"heads: use sp in {ok}")
+    if kv_heads % sp and sp % kv_heads:
+        raise LayoutError(f"sp = {sp} and the {kv_heads} kv heads{where} neither divide each other; Ulysses needs sp "
+                          f"to divide the kv heads, or the kv heads to divide sp (then they are replicated): use sp in "
+                          f"{ok}")
+    return (None if heads is None else heads // sp), max(kv_heads, sp) // sp
 
 
 @dataclass(frozen=True)
@@ -30,14 +50,15 @@ class ParallelLayout:
     """Data-parallel degree; None infers it from the world size as world / (tp * sp * pp)."""
     vpp: int = 1
     """Virtual pipeline stages per rank (interleaved 1F1B); 1 means no interleaving."""
-    schedule: str = "1f1b"
-    """Pipeline schedule: one of '1f1b', 'gpipe', 'interleaved-1f1b'."""
+    schedule: Schedule = "1f1b"
+    """Pipeline schedule: '1f1b', 'gpipe' or 'interleaved-1f1b' (with pp = 1: forward and backward alternate per
+    micro-batch under '1f1b', all forwards first under 'gpipe')."""
     stage_layers: Optional[list[int]] = None
     """Explicit layers per pipeline stage (length pp * vpp) for uneven models; None splits evenly."""
     tp_sequence_parallel: bool = False
     """Megatron-style sequence parallelism inside the TP group: norm / residual regions sharded over tp (not Ulysses:
     that is `sp`)."""
-    zero: int = 0
+    zero: ZeroLevel = 0
     """Optimizer sharding over dp x sp: 0 none, 1 ZeRO-1 (optimizer state), 3 full sharding (FSDP2)."""
 
     def __post_init__(self):
@@ -53,7 +74,7 @@ class ParallelLayout:
             raise LayoutError(
                 f"layout.vpp = {self.vpp} needs schedule 'interleaved-1f1b' (got {self.schedule!r}); "
                 "set layout.schedule=interleaved-1f1b or layout.vpp=1")
-        if self.zero not in (0, 1, 3):
+        if self.zero not in ZERO_LEVELS:
             raise LayoutError(f"layout.zero = {self.zero!r}: must be 0 (off), 1 (ZeRO-1) or 3 (FSDP full sharding)")
         if self.tp_sequence_parallel and self.tp == 1:
             raise LayoutError("layout.tp_sequence_parallel = true needs tp > 1 (it shards norm regions over the TP group); "
@@ -104,16 +125,7 @@ class ParallelLayout:
             ok = [d for d in _divisors(kv_heads) if heads % d == 0]
             raise LayoutError(f"tp = {tp} does not divide the {kv_heads} kv heads (GQA groups are never split across "
                               f"TP ranks): use tp in {ok}")
-        local_heads, local_kv = heads // tp, kv_heads // tp
-        if local_heads % sp:
-            ok = [d for d in _divisors(local_heads) if local_kv % d == 0 or d % local_kv == 0]
-            raise LayoutError(f"sp = {sp} does not divide the {local_heads} heads per TP rank ({heads} heads / tp {tp}); "
-                              f"Ulysses gives each SP rank whole heads: use sp in {ok}")
-        if local_kv % sp and sp % local_kv:
-            ok = [d for d in _divisors(local_heads) if local_kv % d == 0 or d % local_kv == 0]
-            raise LayoutError(
-                f"sp = {sp} and the {local_kv} kv heads per TP rank neither divide each other; Ulysses needs sp to "
-                f"divide the kv heads, or the kv heads to divide sp (then they are replicated): use sp in {ok}")
+        ulysses_heads(sp, heads // tp, kv_heads // tp, " per TP rank", f" ({heads} heads / tp {tp})")
         self.check_layers(layers)
         if seq_len is not None:
             unit = sp * (tp if self.tp_sequence_parallel else 1)

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from megalysses.bench import _rank_entry, kernel_kind, main, parse_args, table_row
+from megalysses.bench import kernel_kind, main, parse_args, run_bench, table_row
 from megalysses.config import load_model_config, load_run_config
 from megalysses.metrics import flops_per_token, forward_flops_per_token, hardware_flops_per_token
 from megalysses.models.config import MemoryConfig
@@ -62,7 +62,11 @@ def _bench_rows(overrides, argv=()):
     cfg = load_run_config(QUICKSTART, ["train.init=device", "train.global_batch_size=4", "train.micro_batch_size=2",
                                        *overrides])
     args = parse_args(["--steps", "2", "--warmup", "1", *argv])
-    return run_ranks(_rank_entry, cfg.train.nproc, cfg, args, timeout=300)
+    return run_ranks(bench_on_rank, cfg.train.nproc, cfg, args, timeout=300)
+
+
+def bench_on_rank(rank: int, world: int, cfg, args):
+    return run_bench(cfg, args)
 
 
 def test_bench_rows_on_gloo_ranks_count_alltoall_and_recompute():

@@ -17,9 +17,10 @@ from megalysses.models.hf import ours_to_hf
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel.launch import run_ranks
 from megalysses.tools.convert import megalysses_to_hf
-from megalysses.train import Batcher, Precision, StepData, build_data_parallel, build_model, train, train_step
+from megalysses.data import StepData
+from megalysses.trainer import Trainer, train
 
-os.environ.setdefault("MEGALYSSES_PRELOAD", "megalysses.train,megalysses.checkpoint,torch.distributed.fsdp")
+os.environ.setdefault("MEGALYSSES_PRELOAD", "megalysses.trainer,megalysses.checkpoint,torch.distributed.fsdp")
 
 MODEL = GPTConfig(vocab_size=256, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=48,
                   max_seq_len=64)  # untied: ZeRO-1 with pp > 1 needs it
@@ -42,17 +43,12 @@ def train_on_rank(rank: int, world: int, cfg: RunConfig):
 
 def resume_on_rank(rank: int, world: int, cfg: RunConfig):
     """Build the model and optimizer for cfg.layout, resume, gather the canonical state, take one step."""
-    mesh = ParallelMesh(cfg.check(world))
-    device = torch.device("cpu")
-    chunks = build_model(cfg, mesh, device)
-    sync, optimizer = build_data_parallel(chunks, mesh, cfg.train,
-                                          shard_modules=[b for c in chunks for b in c.blocks.values()])
-    data, batcher, precision = StepData(cfg, mesh), Batcher(cfg, mesh, device), Precision(cfg, mesh, device)
-    checkpoints = Checkpointer(cfg, mesh, chunks, sync, optimizer, getattr(data, "loaders", {}))
+    trainer = Trainer(cfg)
+    data = StepData(cfg, trainer.mesh)
+    checkpoints = Checkpointer(cfg, trainer.mesh, trainer.chunks, trainer.dp, data.loaders)
     start = checkpoints.resume()
-    state = TrainingState(chunks, mesh, sync, optimizer).gather_to_writers()  # what this rank would write
-    metrics = train_step(chunks, sync, optimizer, batcher.micro_batches(*data.rows(start)), mesh, cfg, start,
-                         precision)
+    state = TrainingState(trainer.chunks, trainer.mesh, trainer.dp).gather_to_writers()  # what this rank would write
+    metrics = trainer.train_step(trainer.batcher.micro_batches(*data.rows(start)), start)
     return start, checkpoints.skipped, {k: v.numpy() for k, v in state.items()}, metrics["loss"]
 
 

@@ -18,7 +18,7 @@ from megalysses.checkpoint import TensorReader, TrainingState  # noqa: E402
 from megalysses.config import load_run_config  # noqa: E402
 from megalysses.models.gpt import GPT  # noqa: E402
 from megalysses.models.hf import gpt_config_from_hf  # noqa: E402
-from megalysses.models.pipeline import build_stage_chunks  # noqa: E402
+from megalysses.models.build import build_model  # noqa: E402
 from megalysses.parallel import ParallelLayout, ParallelMesh  # noqa: E402
 from megalysses.parallel import collectives as C  # noqa: E402
 from megalysses.parallel.launch import run_ranks  # noqa: E402
@@ -121,7 +121,7 @@ def logits_on_rank(rank: int, world: int, layout: ParallelLayout, folders: dict,
     out = {}
     for family, folder in folders.items():
         cfg = load_run_config(Path(folder) / "config.yaml").model
-        chunks = build_stage_chunks(cfg, mesh) if layout.pp > 1 else [GPT(cfg, mesh)]
+        chunks = build_model(cfg, mesh)
         TrainingState(chunks, mesh).load(TensorReader(folder), with_optimizer=False)
         local_ids = shard_sequence(ids, sp)
         pos = shard_sequence(torch.arange(ids.shape[1]).expand_as(ids), sp)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megalysses.models import cores as A
+from megalysses.models.config import GPTConfig
 from megalysses.models.cores import Documents, FlashAttention, build_attention_core, sdpa_attention
 
 
@@ -67,10 +68,9 @@ def test_auto_picks_the_fastest_available_and_says_why(monkeypatch, caplog, cuda
     monkeypatch.setattr(A, "find_flash_attn", lambda: found)
     name, why = A.choose_auto_core()
     assert name == expected and reason in why
-    if expected == "sdpa":
-        with caplog.at_level(logging.INFO, logger="megalysses"):
-            assert build_attention_core("auto", 4, 2, 8) is sdpa_attention
-        assert f"attention core: sdpa ({why})" in caplog.text
+    with caplog.at_level(logging.INFO, logger="megalysses"):  # the one place 'auto' is decided
+        assert A.resolve_auto_core(GPTConfig(attention_core="auto")).attention_core == expected
+    assert f"attention core: {expected} ({why})" in caplog.text
 
 
 def test_te_core_without_cuda_is_a_clear_error(monkeypatch):
@@ -82,5 +82,7 @@ def test_te_core_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_unknown_core_lists_the_choices():
-    with pytest.raises(ValueError, match="attention_core = 'xformers': choose one of sdpa, flash, te, auto"):
+    with pytest.raises(ValueError, match="attention_core = 'xformers': choose one of sdpa, flash, te"):
         build_attention_core("xformers", 4, 2, 8)
+    with pytest.raises(ValueError, match=r"resolve 'auto' with resolve_auto_core\(cfg\) first"):
+        build_attention_core("auto", 4, 2, 8)

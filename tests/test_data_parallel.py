@@ -13,7 +13,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.gpt import GPT
 from megalysses.optim import build_data_parallel, build_optimizer, lr_at
 from megalysses.parallel import ParallelLayout, ParallelMesh
-from megalysses.parallel.dp import clip_gradients, optimizer_state_bytes
+from megalysses.parallel.dp import clip_gradients
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_sequence,
                                           token_weighted_loss)
@@ -77,26 +77,24 @@ def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "f
     mesh = ParallelMesh(layout)
     model = GPT(CFG, mesh)
     model.init_weights(SEED)
-    sync, optimizer = build_data_parallel(model, mesh, TrainConfig(**{**TRAIN.__dict__, "dtype": dtype}),
-                                          shard_modules=list(model.blocks.values()), bucket_mb=BUCKET_MB)
+    dp = build_data_parallel(model, mesh, TrainConfig(**{**TRAIN.__dict__, "dtype": dtype}),
+                             shard_modules=list(model.blocks.values()), bucket_mb=BUCKET_MB)
     norms = []
     for step in range(TRAIN.steps):
         batches = micro_batches(batch_of(step), mesh, layout)
         total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
         for i, (ids, pos, labels) in enumerate(batches):
-            with sync.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+            with dp.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
                 token_weighted_loss(model(ids, pos, labels).float(), labels, total).backward()
-        sync.finish()
-        norms.append(sync.clip_grad_norm(TRAIN.grad_clip).item())
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, TRAIN)
-        optimizer.step()
-        optimizer.zero_grad()
+        dp.finish()
+        norms.append(dp.clip_grad_norm(TRAIN.grad_clip).item())
+        dp.step(lr_at(step, TRAIN))
+        dp.zero_grad()
     params = {n: full_value(p, mesh).numpy() for n, p in model.named_parameters()}  # numpy: tensors would travel
     # back through shared memory that dies with the rank
-    moments = optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer), ("exp_avg", "exp_avg_sq"))
+    moments = dp.state_bytes(("exp_avg", "exp_avg_sq"))
     if layout.zero == 1:  # buckets padded to a multiple of dp x sp: chunks differ by < dp x sp elements per bucket
-        slack = (mesh.size("dp") * mesh.size("sp") - 1) * len(sync.buckets)
+        slack = (mesh.size("dp") * mesh.size("sp") - 1) * len(dp.sync.buckets)
     else:  # FSDP splits each param's dim 0: shards differ by at most one row per param
         slack = sum(p.numel() // p.shape[0] for p in model.parameters()) if layout.zero == 3 else 0
     stats = {"moments": moments, "slack_numel": slack, "tp_rank": mesh.rank("tp"),

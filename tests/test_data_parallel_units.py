@@ -113,7 +113,8 @@ def test_master_weight_optimizer_matches_torch_adamw():
     """Flat runs of owned elements, in two weight-decay groups, update exactly like AdamW on whole params."""
     ref, model = tiny_gpt(), tiny_gpt()
     _run(ref, None, build_optimizer(ref, TRAIN))
-    sync, optimizer = build_data_parallel(model, SOLO, TRAIN, bucket_mb=0.01)
+    dp = build_data_parallel(model, SOLO, TRAIN, bucket_mb=0.01)
+    sync, optimizer = dp.sync, dp.optimizer
     assert isinstance(optimizer, DistributedOptimizer)
     _run(model, sync, optimizer)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -124,8 +125,8 @@ def test_bf16_params_with_fp32_masters_and_main_grads():
     ref, model = tiny_gpt(), tiny_gpt()
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     _run(ref, None, build_optimizer(ref, TRAIN))
-    sync, optimizer = build_data_parallel(model, SOLO, TrainConfig(**{**TRAIN.__dict__, "dtype": "bfloat16"}),
-                                          bucket_mb=0.01)
+    dp = build_data_parallel(model, SOLO, TrainConfig(**{**TRAIN.__dict__, "dtype": "bfloat16"}), bucket_mb=0.01)
+    sync, optimizer = dp.sync, dp.optimizer
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(optimizer.master(s.bucket, s.lo, s.hi).dtype == torch.float32 for s in sync.owned_segments())
     for seg in sync.owned_segments():  # masters start from the fp32 init, not from its bf16 rounding

@@ -7,7 +7,8 @@ import torch
 
 from megalysses.parallel.tensor import param_info
 from megalysses.models.config import GPTConfig
-from megalysses.models.pipeline import build_stage_chunks, run_pipeline_step
+from megalysses.models.build import build_model
+from megalysses.models.pipeline import run_pipeline_step
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.dp import all_reduce_gradients
@@ -104,7 +105,7 @@ def _micro_batches(batch, mesh: ParallelMesh):
 
 def _pipeline_parity(rank, world, cfg, layout, coalesced=None):
     mesh = ParallelMesh(layout)
-    chunks = build_stage_chunks(cfg, mesh)
+    chunks = list(build_model(cfg, mesh))
     for chunk in chunks:
         chunk.init_weights(SEED)
     batch = make_batch(cfg, MICRO_BATCHES * MICRO_BATCH_SIZE * mesh.size("dp"), SEQ, packed=True, ignore_tail=3)
@@ -176,7 +177,7 @@ def _check_parity(cfg, layout, world, coalesced=None):
 
 def test_one_stage_runs_in_process_and_checks_its_inputs():
     mesh = ParallelMesh.single_device()  # pp 1: one chunk with every layer, no communication
-    chunks = build_stage_chunks(TIED, mesh)
+    chunks = list(build_model(TIED, mesh))
     chunks[0].init_weights(SEED)
     micro = _micro_batches(make_batch(TIED, MICRO_BATCHES * MICRO_BATCH_SIZE, SEQ, packed=True, ignore_tail=3), mesh)
     total = count_valid_tokens(torch.cat([labels for _, _, labels in micro]), mesh.group("dp", "sp"))

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 from megalysses.config import RunConfig, load_run_config, save_resolved
-from megalysses.models.hf import our_names
+from megalysses.models.build import model_inventory
 from megalysses.parallel import ParallelMesh
+from megalysses.parallel.dp import DataParallel
 from megalysses.parallel import collectives as C
 
 from .files import (CONFIG, FORMAT, META, PARTS, VERSION, CheckpointError, commit, describe_files, first_problem,
@@ -21,11 +22,6 @@ from .files import (CONFIG, FORMAT, META, PARTS, VERSION, CheckpointError, commi
                     step_dir_name, temp_dir_name, write_json, write_latest, write_manifest)
 from .state import MOMENTS, TrainingState, model_key, optimizer_key, optimizer_present
 from .tensors import TensorReader, save_on_every_rank
-
-WEIGHT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "intermediate_size", "tie_embeddings", "qkv_bias")
-"""Model fields that decide which tensors exist and their shapes: a checkpoint only loads into the same values."""
-
 
 def rng_file(rank: int) -> str:
     return f"rng/rank-{rank:05d}.pt"
@@ -45,11 +41,11 @@ class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the model and AdamW state (layout-independent),
     the step (the LR schedule is a function of it), every rank's RNG states and the data position."""
 
-    def __init__(self, cfg: RunConfig, mesh: ParallelMesh, chunks, sync=None, optimizer=None,
+    def __init__(self, cfg: RunConfig, mesh: ParallelMesh, chunks, dp: Optional[DataParallel] = None,
                  loaders: Optional[Mapping[str, Any]] = None):
         self.cfg, self.mesh = cfg, mesh
         self.chunks = list(chunks)
-        self.state = TrainingState(self.chunks, mesh, sync, optimizer)
+        self.state = TrainingState(self.chunks, mesh, dp)
         self.loaders = dict(loaders or {})  # split -> BatchLoader (packed datasets); windows are indexed by step
         self.root = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -122,13 +118,13 @@ class Checkpointer:
         prune(self.root, self.cfg.checkpoint.keep_last)
 
     def _expected_keys(self) -> list[str]:
-        names = our_names(self.cfg.model)
-        optimizer = [optimizer_key(n, k) for n in names for k in (*MOMENTS, "step")] if self.state.optimizer else []
+        names = list(model_inventory(self.cfg.model))
+        optimizer = [optimizer_key(n, k) for n in names for k in (*MOMENTS, "step")] if self.state.dp else []
         return [model_key(n) for n in names] + optimizer
 
     def _meta(self, step: int) -> dict:
         return {"format": FORMAT, "version": VERSION, "step": step, "world_size": self.world,
-                "layout": dataclasses.asdict(self.mesh.layout), "optimizer": self.state.optimizer is not None,
+                "layout": dataclasses.asdict(self.mesh.layout), "optimizer": self.state.dp is not None,
                 "rng": True, "data": self._data_state(step), "source": None}
 
     def _data_state(self, step: int) -> dict:
@@ -182,7 +178,7 @@ class Checkpointer:
         self._check_model(saved, path)
         reader = TensorReader(path)
         names = self.state.written_names()
-        with_optimizer = self.state.optimizer is not None and optimizer_present(reader, names)
+        with_optimizer = self.state.dp is not None and optimizer_present(reader, names)
         self.state.load(reader, with_optimizer)
         step = int(meta["step"])
         self._restore_rng(path, meta)
@@ -196,14 +192,15 @@ class Checkpointer:
         return step
 
     def _check_model(self, saved: RunConfig, path: Path) -> None:
+        """The checkpoint's parameters (names, full shapes) must be this model's; other option changes warn."""
         mine, theirs = dataclasses.asdict(self.cfg.model), dataclasses.asdict(saved.model)
         differ = [k for k in mine if mine[k] != theirs.get(k)]
 
         def listed(keys) -> str:
             return "; ".join(f"model.{k}: checkpoint {theirs.get(k)!r}, config {mine[k]!r}" for k in keys)
 
-        if any(k in WEIGHT_FIELDS for k in differ):
-            raise CheckpointError(f"{path}: holds another model ({listed(k for k in differ if k in WEIGHT_FIELDS)}); "
+        if not same_parameters(model_inventory(saved.model), model_inventory(self.cfg.model)):
+            raise CheckpointError(f"{path}: holds another model ({listed(differ)}); "
                                   f"resume with its model config ({path / CONFIG}) or set checkpoint.resume=never")
         if differ:
             self._say(f"warning: resuming {path} with changed model options: {listed(differ)}")
@@ -261,6 +258,11 @@ class Checkpointer:
     def _say(self, text: str) -> None:
         if self.rank == 0:
             print(text, file=sys.stderr if text.startswith("warning") else sys.stdout, flush=True)
+
+
+def same_parameters(a, b) -> bool:
+    """Two inventories name the same parameters with the same full shapes (how they are sharded may differ)."""
+    return [(n, i.full_shape) for n, i in a.items()] == [(n, i.full_shape) for n, i in b.items()]
 
 
 def resume_candidates(choice: str, root: Path) -> tuple[list[Path], bool]:

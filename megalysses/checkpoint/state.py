@@ -3,12 +3,12 @@ the parameter's canonical name, in the full (unsharded, unpadded) shape, whateve
 ZeRO level. Saving gathers over dp x sp (ZeRO-1 / FSDP shards) and tp; loading cuts this rank's pieces back out."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from megalysses.parallel import ParallelMesh
-from megalysses.parallel.dp import DistributedOptimizer, FSDPGradSync
+from megalysses.parallel.dp import DataParallel
 from megalysses.parallel.dp.fsdp import shard_like
 from megalysses.parallel.dp.grads import local_values
 from megalysses.parallel.dp.state import MOMENTS
@@ -30,15 +30,11 @@ def optimizer_key(name: str, kind: str) -> str:
 
 
 class TrainingState:
-    """This rank's model chunks, their canonical names, and the optimizer (DistributedOptimizer for ZeRO 0/1,
-    FSDP2 + torch AdamW for ZeRO 3, or None for weights only)."""
+    """This rank's model chunks, their canonical names, and the data-parallel optimizer whose state goes with them
+    (None: weights only)."""
 
-    def __init__(self, chunks: Iterable[torch.nn.Module], mesh: ParallelMesh, sync=None, optimizer=None):
-        supported = isinstance(optimizer, DistributedOptimizer) or isinstance(sync, FSDPGradSync)
-        if optimizer is not None and not supported:
-            raise TypeError(f"checkpoint: unsupported optimizer {type(optimizer).__name__} with {type(sync).__name__}: "
-                            "build them with megalysses.optim.build_data_parallel (or pass optimizer=None for weights)")
-        self.mesh, self.sync, self.optimizer = mesh, sync, optimizer
+    def __init__(self, chunks: Iterable[torch.nn.Module], mesh: ParallelMesh, dp: Optional[DataParallel] = None):
+        self.mesh, self.dp = mesh, dp
         self.names: dict[int, str] = {}
         self.params: list[torch.nn.Parameter] = []
         for chunk in chunks:
@@ -57,11 +53,8 @@ class TrainingState:
 
     def param_states(self) -> Iterator[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]]:
         """(param, whole TP-local fp32 'master' [+ moments, 'step']) per parameter; collectives over dp x sp."""
-        opt, sync = self.optimizer, self.sync
-        if isinstance(opt, DistributedOptimizer):
-            yield from opt.param_states()
-        elif isinstance(sync, FSDPGradSync) and opt is not None:
-            yield from sync.param_states(opt)
+        if self.dp is not None:
+            yield from self.dp.param_states()
         else:
             for p in self.params:
                 yield p, {"master": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()}
@@ -100,11 +93,8 @@ class TrainingState:
         without optimizer state in use, masters are refreshed from the loaded weights. No communication."""
         self.check_against(reader, with_optimizer)
         states = _LazyStates(self, reader, with_optimizer)
-        opt, sync = self.optimizer, self.sync
-        if isinstance(opt, DistributedOptimizer):
-            opt.load_state_dict({"state": states.indexed(opt.sync.params)})
-        elif isinstance(sync, FSDPGradSync) and opt is not None:
-            sync.load_state_dict({"state": states.indexed(sync.params)}, opt)
+        if self.dp is not None:
+            self.dp.load_param_states(states.indexed(self.dp.params))
         else:
             with torch.no_grad():
                 for p in self.params:

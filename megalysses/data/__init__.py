@@ -40,7 +40,9 @@ def build_dataset(cfg: DataConfig) -> Union[TokenWindows, PackedCorpus]:
     return TokenWindows.from_config(cfg)
 
 
+from .steps import StepData  # noqa: E402 - it builds datasets with build_dataset, defined above
+
 __all__ = ["Batch", "BatchLoader", "BlendedDataset", "ByteTokenizer", "CORPUS_MODULES", "HFTokenizer",
-           "IndexedDataset", "IndexedWriter", "PackedCorpus", "PackedDataset", "TokenWindows", "apportion",
+           "IndexedDataset", "IndexedWriter", "PackedCorpus", "PackedDataset", "StepData", "TokenWindows", "apportion",
            "build_dataset", "builtin_corpus", "byte_tokens", "dataset_paths", "dp_rows", "is_indexed", "load_text",
            "load_tokenizer", "resolve_prefix", "seeded_generator", "split_documents", "token_dtype"]

@@ -6,7 +6,8 @@ stage's data path (ids, positions, labels) local, and match channels in an order
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Sequence
+import contextlib
+from typing import Callable, ContextManager, Optional, Protocol, Sequence
 
 import torch
 
@@ -25,11 +26,15 @@ class Stage(Protocol):
 
 
 class AutogradStage:
-    """A Stage from fn(mb, x) -> output: keeps each micro-batch's (input, output) from forward until its backward."""
+    """A Stage from fn(mb, x) -> output: keeps each micro-batch's (input, output) from forward until its backward.
+    With `no_sync` (a data-parallel context that only accumulates gradients), every backward but the last of the
+    `micro_batches` runs inside it: the gradient reduction starts during the stage's last backward."""
 
-    def __init__(self, fn: Callable[[int, Optional[torch.Tensor]], torch.Tensor]):
-        self.fn = fn
+    def __init__(self, fn: Callable[[int, Optional[torch.Tensor]], torch.Tensor], micro_batches: int = 0,
+                 no_sync: Optional[Callable[[], ContextManager]] = None):
+        self.fn, self.micro_batches, self.no_sync = fn, micro_batches, no_sync
         self.saved: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+        self.backwards = 0
 
     def forward(self, mb: int, x: Optional[torch.Tensor]) -> torch.Tensor:
         if x is not None and torch.is_grad_enabled():
@@ -43,7 +48,10 @@ class AutogradStage:
         if mb not in self.saved:
             raise RuntimeError(f"backward of micro-batch {mb} before its forward (or twice): the schedule is wrong")
         x, out = self.saved.pop(mb)
-        torch.autograd.backward(out, grad)  # the last stage's out is the scalar loss: grad None
+        self.backwards += 1
+        last = self.no_sync is None or self.backwards >= self.micro_batches
+        with contextlib.nullcontext() if last else self.no_sync():
+            torch.autograd.backward(out, grad)  # the last stage's out is the scalar loss: grad None
         if x is None:
             return None
         return x.grad if x.grad is not None else torch.zeros_like(x)  # output independent of x: zero grad

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..layout import SCHEDULES as SCHEDULE_NAMES
 from ..layout import LayoutError
 
 
@@ -81,6 +82,9 @@ def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action], war
 
 SCHEDULES: dict[str, Callable[[int, int, int, int], list[Action]]] = {
     "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_1f1b}
+"""The implementation of each schedule name of the layout (parallel.layout.Schedule, the one list of names)."""
+if set(SCHEDULES) != set(SCHEDULE_NAMES):  # pragma: no cover - a name added on one side only
+    raise ImportError(f"schedules implemented {sorted(SCHEDULES)} differ from the layout's {sorted(SCHEDULE_NAMES)}")
 
 
 def schedule_actions(name: str, pp: int, vpp: int, micro_batches: int, rank: int) -> list[Action]:

@@ -7,6 +7,7 @@ import torch
 
 from .. import collectives as C
 from ..collectives import CommGroup
+from ..layout import ulysses_heads
 
 
 def _pack(tensors: Sequence[torch.Tensor], p: int, scatter_dim: int) -> tuple[torch.Tensor, list[torch.Size]]:
@@ -76,11 +77,9 @@ def heads_to_seq(group: CommGroup, *tensors: torch.Tensor) -> tuple[torch.Tensor
 def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, sp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA with fewer kv heads than sp ranks: repeat each kv head so every rank receives the one its queries use."""
     kv_heads = k.shape[HEAD_DIM]
+    ulysses_heads(sp, None, kv_heads)
     if kv_heads % sp == 0:
         return k, v
-    if sp % kv_heads:
-        raise ValueError(f"Ulysses over sp = {sp} ranks with {kv_heads} kv heads: sp must divide the kv heads or be a "
-                         f"multiple of them; use sp in {[d for d in range(1, 2 * sp + 1) if kv_heads % d == 0 or d % kv_heads == 0]}")
     rep = sp // kv_heads
     return k.repeat_interleave(rep, dim=HEAD_DIM), v.repeat_interleave(rep, dim=HEAD_DIM)
 
@@ -94,8 +93,7 @@ def ulysses_attention(core: AttentionCore, q: torch.Tensor, k: torch.Tensor, v: 
     sp = group.size
     if sp == 1:
         return core(q, k, v, **core_kwargs)
-    if q.shape[HEAD_DIM] % sp:
-        raise ValueError(f"Ulysses over sp = {sp} ranks needs the {q.shape[HEAD_DIM]} local query heads divisible by sp")
+    ulysses_heads(sp, q.shape[HEAD_DIM], k.shape[HEAD_DIM], " on this rank")
     k, v = replicate_kv_heads(k, v, sp)
     q, k, v = seq_to_heads(group, q, k, v)  # (b, s, h/P, d)
     out = core(q, k, v, **core_kwargs)  # (b, s, hq/P, d)

@@ -56,12 +56,10 @@ def set_param_info(param: torch.Tensor, info: ParamInfo) -> torch.Tensor:
 
 
 def param_info(param: torch.Tensor) -> ParamInfo:
-    """The record of a parameter built by our layers (or a clear error for one that was built elsewhere)."""
+    """The record of a parameter; one that our layers did not build (a plain torch module) is whole and the same on
+    every rank: ParamInfo(its shape)."""
     info = getattr(param, _INFO, None)
-    if info is None:
-        raise TypeError(f"a parameter of shape {tuple(param.shape)} has no ParamInfo: build it with our layers "
-                        "(parallel.tensor / models.spec), or give it one with set_param_info(p, ParamInfo(...))")
-    return info
+    return ParamInfo(tuple(param.shape)) if info is None else info
 
 
 def update_param_info(param: torch.Tensor, **changes) -> None:

@@ -22,6 +22,9 @@ from .gpt import GPT
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 """Supported HF model_type -> its architecture class name."""
 
+FAMILY_FEATURES = {"llama": dict(qkv_bias=False), "mistral": dict(qkv_bias=False), "qwen2": dict(qkv_bias=True)}
+"""The GPTConfig options each family's attention always has (Qwen2: a q/k/v bias)."""
+
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -93,10 +96,20 @@ def gpt_config_from_hf(hf_config: Any, **overrides) -> GPTConfig:
         head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         max_seq_len=hf.get("max_position_embeddings", GPTConfig.max_seq_len),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **FAMILY_FEATURES[family],
         init_std=hf.get("initializer_range", GPTConfig.init_std))
     fields.update(overrides)
     return GPTConfig(**fields)
+
+
+def family_fits(cfg: GPTConfig, family: str) -> bool:
+    """Whether `cfg` has exactly the attention options of the HF family."""
+    return all(getattr(cfg, k) == v for k, v in FAMILY_FEATURES[family].items())
+
+
+def family_for(cfg: GPTConfig) -> Optional[str]:
+    """The first HF family (in FAMILIES order) whose attention options `cfg` has; None if none has them."""
+    return next((f for f in FAMILIES if family_fits(cfg, f)), None)
 
 
 def hf_config_from_gpt(cfg: GPTConfig, family: str) -> dict:
@@ -106,9 +119,11 @@ def hf_config_from_gpt(cfg: GPTConfig, family: str) -> dict:
     `rope_scaling`), so either generation of transformers reads it."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is not supported; supported: {sorted(FAMILIES)}")
-    if cfg.qkv_bias != (family == "qwen2"):
-        raise ValueError(f"qkv_bias={cfg.qkv_bias} cannot be expressed as a {family} model: qwen2 always has a "
-                         "q/k/v bias, llama and mistral have none (llama's attention_bias also biases o_proj)")
+    features = {k: getattr(cfg, k) for k in FAMILY_FEATURES[family]}
+    if features != FAMILY_FEATURES[family]:
+        raise ValueError(f"{', '.join(f'{k}={v}' for k, v in features.items())} cannot be expressed as a {family} "
+                         f"model, which has {FAMILY_FEATURES[family]} (llama's attention_bias also biases o_proj); "
+                         f"families that fit: {[f for f in FAMILIES if family_fits(cfg, f)]}")
     scaling = None
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling

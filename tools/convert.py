@@ -34,7 +34,7 @@ from megalysses.checkpoint.state import model_key
 from megalysses.checkpoint.tensors import TensorReader, save_streaming
 from megalysses.config import ConfigError, RunConfig, from_dict, load_layout, load_run_config, save_resolved
 from megalysses.models.config import GPTConfig
-from megalysses.models.hf import (FAMILIES, gpt_config_from_hf, hf_config_from_gpt, hf_names, hf_to_ours,
+from megalysses.models.hf import (FAMILIES, family_for, gpt_config_from_hf, hf_config_from_gpt, hf_names, hf_to_ours,
                                   ours_to_hf)
 from megalysses.parallel.layout import LayoutError, ParallelLayout
 
@@ -189,12 +189,12 @@ def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: O
     """Our checkpoint (any layout) -> an HF folder: config.json, sharded safetensors, model.safetensors.index.json."""
     path, run, meta = _open_checkpoint(ckpt)
     model, source = run.model, meta.get("source") or {}
-    family = family or source.get("family") or ("qwen2" if model.qkv_bias else "llama")
+    family = family or source.get("family") or family_for(model)
     dtype = dtype or source.get("dtype") or "float32"
     try:
         config = hf_config_from_gpt(model, family)
     except ValueError as e:
-        raise ConvertError(f"{path / CONFIG}: {e}; pass --family {'qwen2' if model.qkv_bias else 'llama'}") from e
+        raise ConvertError(f"{path / CONFIG}: {e}; pass --family with a family that fits") from e
     config.update(torch_dtype=dtype, dtype=dtype)
     reader = TensorReader(path)
     try:

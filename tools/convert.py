@@ -123,8 +123,8 @@ def hf_to_megalysses(hf_dir: str, out: str, layout_name: str = "single", world_s
     model_type = folder.config.get("model_type")
     if model_type not in FAMILIES:
         raise ConvertError(f"{folder.folder / CONFIG_JSON}: model_type {model_type!r} (architectures "
-                           f"{folder.config.get('architectures')}) is not supported; megalysses converts Llama, "
-                           f"Mistral and Qwen2 models ({', '.join(FAMILIES.values())})")
+                           f"{folder.config.get('architectures')}) is not supported; megalysses converts the "
+                           f"families {', '.join(FAMILIES)} ({', '.join(FAMILIES.values())})")
     try:
         model = gpt_config_from_hf(folder.config)
     except ValueError as e:

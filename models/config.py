@@ -59,6 +59,8 @@ class GPTConfig:
     """Share the token embedding with the LM head."""
     qkv_bias: bool = False
     """Bias on the q, k, v projections (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head (weights of head_dim) before RoPE (Qwen3)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     attention_core: AttentionCore = "sdpa"
@@ -106,7 +108,7 @@ class GPTConfig:
         """Parameter count (embedding and head counted once if tied)."""
         d, f = self.hidden_size, self.intermediate_size
         attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + (self.q_size + 2 * self.kv_size) * self.qkv_bias
-        block = attn + 3 * d * f + 2 * d
+        block = attn + 3 * d * f + 2 * d + 2 * self.head_dim * self.qk_norm
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * block + emb + d
 

@@ -34,6 +34,10 @@ class Attention(nn.Module):
         self.sp_group = mesh.group("sp")
         self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh,
                             eps=cfg.rms_norm_eps)
+        if cfg.qk_norm:  # per head, before RoPE (Qwen3)
+            self.q_norm = spec.norm(cfg.head_dim, cfg.rms_norm_eps, mesh, per_head=True)
+            self.k_norm = spec.norm(cfg.head_dim, cfg.rms_norm_eps, mesh, per_head=True)
+        self.qk_norm = cfg.qk_norm
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
         core_heads, core_kv_heads = ulysses_heads(self.sp_group.size, self.heads, self.kv_heads)  # after the all-to-all
         self.core = build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim, cfg.softmax_scale)
@@ -45,13 +49,14 @@ class Attention(nn.Module):
         return self.out(self.attend(*self.project(x, cos, sin), docs).flatten(2))
 
     def project(self, x, cos, sin):
-        """(b, s/sp, d) -> q (b, s/sp, h/tp, hd), k and v (b, s/sp, kv/tp, hd), q and k rotated."""
+        """(b, s/sp, d) -> q (b, s/sp, h/tp, hd), k and v (b, s/sp, kv/tp, hd), q and k [normed and] rotated."""
         b, s = x.shape[0], cos.shape[1]  # s: this SP rank's tokens (the qkv layer gathers a TP-sharded sequence)
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
-        q = apply_rope(q.view(b, s, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(b, s, self.kv_heads, self.head_dim)
+        q, k = q.view(b, s, self.heads, self.head_dim), k.view(b, s, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(b, s, self.kv_heads, self.head_dim)
 
     def attend(self, q, k, v, docs):
         """Ulysses attention: all-to-all, the core on whole sequences, all-to-all back -> (b, s/sp, h/tp, hd)."""

@@ -1,4 +1,4 @@
-"""Hugging Face adapters (Llama, Mistral, Qwen2): config.json <-> GPTConfig, and state dicts streamed name by name.
+"""Hugging Face adapters (Llama, Mistral, Qwen2, Qwen3): config.json <-> GPTConfig, and state dicts streamed name by name.
 
 RoPE layout: our `apply_rope` uses the half-split (`rotate_half`) convention, the same as transformers, so HF
 q_proj / k_proj weights are used as they are. Only Meta's original checkpoints (`consolidated.*.pth`) rotate
@@ -19,11 +19,13 @@ from .build import model_inventory
 from .config import GPTConfig, RopeScaling
 from .gpt import GPT
 
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 """Supported HF model_type -> its architecture class name."""
 
-FAMILY_FEATURES = {"llama": dict(qkv_bias=False), "mistral": dict(qkv_bias=False), "qwen2": dict(qkv_bias=True)}
-"""The GPTConfig options each family's attention always has (Qwen2: a q/k/v bias)."""
+FAMILY_FEATURES = {"llama": dict(qkv_bias=False, qk_norm=False), "mistral": dict(qkv_bias=False, qk_norm=False),
+                   "qwen2": dict(qkv_bias=True, qk_norm=False), "qwen3": dict(qkv_bias=False, qk_norm=True)}
+"""The GPTConfig options each family's attention always has (Qwen2: a q/k/v bias; Qwen3: per-head q/k RMSNorm)."""
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -61,13 +63,13 @@ def _check_supported_features(hf: Mapping[str, Any], family: str) -> None:
     """Reject HF options our model does not implement, naming the option and its value."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
-    if family == "llama" and hf.get("attention_bias", False):
-        raise ValueError("llama attention_bias=True is not supported: it also puts a bias on o_proj, which our "
+    if family in ("llama", "qwen3") and hf.get("attention_bias", False):
+        raise ValueError(f"{family} attention_bias=True is not supported: it also puts a bias on o_proj, which our "
                          "attention output projection does not have")
     if hf.get("mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported (the MLP projections have no bias)")
-    if family == "qwen2" and hf.get("use_sliding_window", False):
-        raise ValueError(f"qwen2 use_sliding_window=True (sliding_window {hf.get('sliding_window')}) is not "
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+        raise ValueError(f"{family} use_sliding_window=True (sliding_window {hf.get('sliding_window')}) is not "
                          "supported: sliding-window attention is not implemented")
     if family == "mistral" and hf.get("sliding_window") is not None:
         raise ValueError(f"mistral sliding_window {hf['sliding_window']} is not supported: sliding-window attention "
@@ -147,6 +149,8 @@ def hf_config_from_gpt(cfg: GPTConfig, family: str) -> dict:
         d.update(sliding_window=None)
     else:
         d.update(use_sliding_window=False, sliding_window=None)
+    if family == "qwen3":
+        d.update(attention_bias=False)
     return d
 
 
@@ -157,6 +161,8 @@ HF_PARTS: dict[str, tuple[str, ...]] = {
     "blocks.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
     "blocks.{i}.attn.qkv.weight": tuple(f"model.layers.{{i}}.self_attn.{x}_proj.weight" for x in "qkv"),
     "blocks.{i}.attn.qkv.bias": tuple(f"model.layers.{{i}}.self_attn.{x}_proj.bias" for x in "qkv"),
+    "blocks.{i}.attn.q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight",),
+    "blocks.{i}.attn.k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight",),
     "blocks.{i}.attn.out.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
     "blocks.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
     "blocks.{i}.mlp.gate_up.weight": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),

@@ -39,6 +39,8 @@ FAMILIES = {  # family: (config class, extra config)
                                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=24,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 IDS = torch.randint(0, SMALL["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
 
@@ -146,6 +148,7 @@ def test_converted_checkpoint_gives_transformers_logits(converted, layout, world
     for family, (hf, _, _) in converted.items():
         reference = hf_logits(hf)
         err = ((torch.from_numpy(ours[family]) - reference).norm() / reference.norm()).item()
+        print(f"{family} under {layout.describe()}: logits rel err {err:.2e}")
         assert err < 1e-5, f"{family} under {layout.describe()}: logits off by {err:.2e} relative"
 
 

@@ -27,6 +27,8 @@ FAMILIES = {
                      rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",  # per-head q/k RMSNorm; head_dim not hidden / heads
+              dict(tie_word_embeddings=False, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 _MODELS = {}
 
@@ -108,6 +110,7 @@ CONFIGS = [
                rope_scaling=RopeScaling(8.0, 1.0, 4.0, 1024), init_std=0.01), "llama"),
     (GPTConfig(num_kv_heads=1, tie_embeddings=True, rms_norm_eps=1e-6), "mistral"),
     (GPTConfig(qkv_bias=True, tie_embeddings=True, head_dim=8, rope_theta=1e6), "qwen2"),
+    (GPTConfig(qk_norm=True, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6), "qwen3"),
 ]
 
 

@@ -93,3 +93,16 @@ def test_softmax_scale_from_the_config_reaches_the_core():
     assert not torch.allclose(default(batch.input_ids, batch.position_ids), scaled(batch.input_ids, batch.position_ids))
     for loss_err, grad_err, name in run_ranks(parity_on_rank, 2, cfg, ParallelLayout(sp=2), batch):
         assert loss_err < 1e-6 and grad_err < 1e-5, name
+
+
+@pytest.mark.parametrize("layout,world", [
+    pytest.param(ParallelLayout(tp=2, sp=2), 4, id="tp2-sp2"),
+    pytest.param(ParallelLayout(tp=2, sp=2, tp_sequence_parallel=True), 4, id="tp2-sp2-seqpar"),
+])
+def test_per_head_qk_norm_matches_single_device(layout, world):
+    """Qwen3's q / k norms: one weight per head dim, whole on every tp rank, each rank's gradient from its heads."""
+    cfg = GPTConfig(**{**CFG.__dict__, "qk_norm": True})
+    batch = make_batch(cfg, batch=2, seq=SEQ, packed=True, ignore_tail=10)
+    for loss_err, grad_err, name in run_ranks(parity_on_rank, world, cfg, layout, batch):
+        assert loss_err < 1e-6
+        assert grad_err < 1e-5, name

@@ -250,27 +250,34 @@ def reshard(ckpt: str, out: str, layout_name: str, world_size: Optional[int] = N
 
 # -------------------------------------------------------------------------------------------------------- inspect
 
-def inspect(target: str) -> str:
-    """A readable summary: validity, step, layout, model config, every tensor's name, shape and dtype."""
+def inspect(target: str) -> tuple[str, Optional[str]]:
+    """A readable summary (validity, step, layout, model config, every tensor's name, shape and dtype) and what is
+    wrong with the checkpoint (None: valid); an invalid one's tensor index is not read (nothing is unpickled before
+    the files match the manifest)."""
     path = Path(target)
     if (path / CONFIG_JSON).is_file() and not is_checkpoint(path):
-        return _inspect_hf(path)
+        return _inspect_hf(path), None
     path = resolve(path)
     _, problem = first_problem(path)
     meta = read_json(path / META, "the checkpoint is incomplete")
     run = load_run_config(path / CONFIG)
-    reader = TensorReader(path)
-    params = sum(_numel(reader.shape(k)) for k in reader.entries if k.startswith("model."))
+    reader = TensorReader(path) if problem is None else None
     lines = [f"checkpoint  {path}", f"status      {'valid' if problem is None else 'INVALID: ' + problem}",
              f"step        {meta.get('step')}", f"saved on    {meta.get('world_size') or 'any number of'} ranks",
              f"layout      {_short(meta.get('layout') or {})}",
              f"optimizer   {'AdamW state' if meta.get('optimizer') else 'none (weights only)'}",
-             f"source      {meta.get('source')}", f"parameters  {params:,}", "model:"]
+             f"source      {meta.get('source')}"]
+    if reader is not None:
+        lines.append(f"parameters  {sum(_numel(reader.shape(k)) for k in reader.entries if k.startswith('model.')):,}")
+    lines.append("model:")
     lines += [f"  {k}: {v}" for k, v in dataclasses.asdict(run.model).items()]
+    if reader is None:
+        lines.append("tensors: not read (the checkpoint failed validation; its tensor index is not trusted)")
+        return "\n".join(lines), problem
     lines.append(f"tensors ({len(reader.entries)}):")
     lines += [f"  {k}  {list(reader.shape(k))}  {str(reader.dtype(k)).replace('torch.', '')}"
               for k in sorted(reader.entries)]
-    return "\n".join(lines)
+    return "\n".join(lines), None
 
 
 def _inspect_hf(path: Path) -> str:
@@ -338,8 +345,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "reshard":
             done = reshard(args.ckpt, args.out, args.layout, args.world_size, args.quiet)
         else:
-            print(inspect(args.ckpt))
-            return 0
+            summary, problem = inspect(args.ckpt)
+            print(summary)
+            if problem:
+                print(f"megalysses-convert: error: invalid checkpoint: {problem}", file=sys.stderr)
+            return 1 if problem else 0
     except (ConvertError, CheckpointError, HFFolderError, ConfigError, OSError) as err:
         print(f"megalysses-convert: error: {err}", file=sys.stderr)
         return 2

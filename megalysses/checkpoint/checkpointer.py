@@ -21,6 +21,7 @@ from .files import (CONFIG, FORMAT, META, PARTS, VERSION, CheckpointError, commi
                     step_dir_name, temp_dir_name, write_json, write_latest, write_manifest)
 from .state import MOMENTS, TrainingState, model_key, optimizer_key, optimizer_present
 from .tensors import TensorReader, save_on_every_rank
+from .unpickle import sanitized_te_state
 
 WEIGHT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "intermediate_size", "tie_embeddings", "qkv_bias")
@@ -39,6 +40,20 @@ def extra_state_modules(chunks) -> dict[str, torch.nn.Module]:
     """Modules that keep state outside their parameters (Transformer Engine's FP8 scaling history), by path."""
     return {f"{i}.{name}": m for i, chunk in enumerate(chunks) for name, m in chunk.named_modules()
             if type(m).get_extra_state is not torch.nn.Module.get_extra_state}
+
+
+def load_extra_state(path: Path) -> dict:
+    """A rank's {module path: extra state} file, read with torch.load(weights_only=True): tensors, numbers, text."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler refuses with its own error types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not loadable as tensors only ({first}); delete the checkpoint's extra/ "
+                              "folder to resume with fresh FP8 scales") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dict of module extra states; delete "
+                              "the checkpoint's extra/ folder to resume with fresh FP8 scales")
+    return state
 
 
 class Checkpointer:
@@ -234,10 +249,10 @@ class Checkpointer:
         if not same:
             self._say("note: module extra state (FP8 scaling history) not restored: the layout changed")
             return
-        state = torch.load(saved, weights_only=False)
+        state = load_extra_state(saved)
         for key, module in modules.items():
             if key in state:
-                module.set_extra_state(state[key])
+                module.set_extra_state(sanitized_te_state(state[key], f"{saved} [{key!r}]"))
                 # a module that never ran in FP8 saves an empty tensor: nothing came back for it
                 blob = state[key]
                 self.extra_restored |= blob is not None and not (isinstance(blob, torch.Tensor) and blob.numel() == 0)

@@ -139,6 +139,9 @@ class CheckpointConfig:
     """Checkpoints kept on disk (older ones are deleted); 0 keeps all."""
     resume: str = "auto"
     """'auto' (latest checkpoint in dir, if any), 'never', or the path of a checkpoint to resume from."""
+    overwrite: bool = False
+    """With resume 'never': allow starting afresh in a checkpoint dir that already holds checkpoints (this run's saves
+    replace them and keep_last prunes them); false refuses, naming what would be lost."""
 
     def __post_init__(self):
         _require(self.every >= 0, f"checkpoint.every = {self.every}: must be >= 0")

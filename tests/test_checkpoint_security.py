@@ -206,3 +206,33 @@ def test_sanitized_te_state_passes_other_values_as_they_are():
     blob = torch.frombuffer(bytearray(pickle.dumps(io.BytesIO(b"x"))), dtype=torch.uint8)
     with pytest.raises(CheckpointError, match=r"x: refers to _io\.BytesIO"):
         sanitized_te_state(blob, "x")
+
+
+def test_resume_never_refuses_to_overwrite_another_runs_checkpoints(saved, tmp_path):
+    """check_overwrite (called by the CLI before ranks start) and the Checkpointer's first save both refuse to start
+    afresh over existing checkpoints unless checkpoint.overwrite=true, naming the folder, the count and newest step."""
+    import dataclasses
+    import shutil
+
+    from megalysses.checkpoint import check_overwrite
+    from megalysses.config import ConfigError
+
+    never = run_config(tmp_path, resume="never")
+    check_overwrite(never)  # nothing there yet
+    saver = checkpointer(never)
+    saver.save(1)
+    saver.save(2)  # its own checkpoints: checked once, at the first save
+    shutil.copytree(saved, tmp_path / "ckpts" / "step-7")
+    root = tmp_path / "ckpts"
+    message = (rf"checkpoint.resume = 'never', but {root} holds 3 checkpoint\(s\) of an earlier run \(newest step-7\)"
+               r".*set checkpoint.overwrite=true .* or another logging.run_dir")
+    with pytest.raises(ConfigError, match=message) as err:
+        check_overwrite(never)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=message):
+        checkpointer(never).save(1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1", "step-2", "step-7"]  # nothing touched
+    allowed = dataclasses.replace(never, checkpoint=dataclasses.replace(never.checkpoint, overwrite=True))
+    check_overwrite(allowed)
+    assert checkpointer(allowed).save(1).name == "step-1"
+    check_overwrite(run_config(tmp_path, resume="auto"))  # continuing them is not overwriting

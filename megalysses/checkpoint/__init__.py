@@ -45,8 +45,8 @@ from .files import (CheckpointError, is_checkpoint, list_checkpoints, read_lates
                     step_dir_name, verify)
 from .state import TrainingState, model_key, optimizer_key
 from .tensors import TensorReader, save_streaming
-from .checkpointer import Checkpointer, resume_candidates
+from .checkpointer import Checkpointer, check_overwrite, checkpoint_root, resume_candidates
 
-__all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "is_checkpoint", "list_checkpoints",
-           "model_key", "optimizer_key", "read_latest", "read_manifest", "resolve", "resume_candidates",
-           "save_streaming", "step_dir_name", "verify"]
+__all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "check_overwrite", "checkpoint_root",
+           "is_checkpoint", "list_checkpoints", "model_key", "optimizer_key", "read_latest", "read_manifest", "resolve",
+           "resume_candidates", "save_streaming", "step_dir_name", "verify"]

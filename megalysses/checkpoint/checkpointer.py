@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from megalysses.config import RunConfig, load_run_config, save_resolved
+from megalysses.config import ConfigError, RunConfig, load_run_config, save_resolved
 from megalysses.models.hf import our_names
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel import collectives as C
@@ -42,6 +42,25 @@ def extra_state_modules(chunks) -> dict[str, torch.nn.Module]:
             if type(m).get_extra_state is not torch.nn.Module.get_extra_state}
 
 
+def checkpoint_root(cfg: RunConfig) -> Path:
+    """The folder of a run's checkpoints: checkpoint.dir, else <logging.run_dir>/checkpoints."""
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+def check_overwrite(cfg: RunConfig) -> None:
+    """Raise ConfigError when checkpoint.resume = 'never' would start afresh over existing checkpoints (which the
+    run's saves replace and keep_last prunes) and checkpoint.overwrite is not set. Call before ranks start."""
+    if cfg.checkpoint.resume != "never" or cfg.checkpoint.overwrite:
+        return
+    root = checkpoint_root(cfg)
+    found = list_checkpoints(root)
+    if found:
+        raise ConfigError(f"checkpoint.resume = 'never', but {root} holds {len(found)} checkpoint(s) of an earlier run "
+                          f"(newest step-{found[-1][0]}) that this run's saves would replace or prune: set "
+                          "checkpoint.overwrite=true to discard them, checkpoint.resume=auto to continue them, or "
+                          "another logging.run_dir (or checkpoint.dir)")
+
+
 def load_extra_state(path: Path) -> dict:
     """A rank's {module path: extra state} file, read with torch.load(weights_only=True): tensors, numbers, text."""
     try:
@@ -66,7 +85,8 @@ class Checkpointer:
         self.chunks = list(chunks)
         self.state = TrainingState(self.chunks, mesh, sync, optimizer)
         self.loaders = dict(loaders or {})  # split -> BatchLoader (packed datasets); windows are indexed by step
-        self.root = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+        self.root = checkpoint_root(cfg)
+        self.saved_once = False  # the first save checks it overwrites nothing it must not (check_overwrite)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.everyone = C.CommGroup(None, tuple(range(self.world)), self.rank)  # pg None: the default group
         self.device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
@@ -87,6 +107,9 @@ class Checkpointer:
         """Collective: write `<root>/.tmp-step-N`, hash and validate it, rename it to `step-N`, point `latest` at it,
         delete checkpoints beyond keep_last. A crash at any point leaves the previous checkpoints intact."""
         tmp, final = self.root / temp_dir_name(step), self.root / step_dir_name(step)
+        if not self.saved_once:  # every rank alike: nothing is committed before the first barrier
+            check_overwrite(self.cfg)
+            self.saved_once = True
         if self.rank == 0:
             remove_stale_temps(self.root)
             for sub in (PARTS, "rng", "extra"):

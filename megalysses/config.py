@@ -116,8 +116,9 @@ class DataConfig:
 
     source: str = "builtin"
     """'builtin' (the small text shipped in megalysses/data/) or a path to a text file or folder."""
-    tokenizer: str = "byte"
-    """'byte' (raw UTF-8 bytes, 256 ids) or a path to a Hugging Face tokenizer.json."""
+    tokenizer: Optional[str] = None
+    """'byte' (raw UTF-8 bytes, 256 ids) or a path to a Hugging Face tokenizer.json; None: the one a preprocessed
+    dataset records (byte for text sources). A tokenizer other than the recorded one is refused."""
     val_fraction: float = 0.1
     """Fraction of the tokens held out for validation."""
     seed: int = 1234

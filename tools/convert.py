@@ -66,7 +66,10 @@ def target_layout(name: str, model: GPTConfig, world_size: Optional[int]) -> Par
         try:
             layout = from_dict(ParallelLayout, yaml.safe_load(name), f"--layout {name!r}", "layout")
         except yaml.YAMLError as e:
-            raise ConvertError(f"--layout {name!r}: not a YAML mapping ({e})") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            raise ConvertError(f"--layout {name!r}: not a YAML mapping ({getattr(e, 'problem', None) or 'unparsable'}"
+                               f"{where}); write it like '{{tp: 2, sp: 2}}'") from e
     else:
         layout = load_layout(name)
     try:
@@ -162,6 +165,13 @@ def _planned_shapes(folder: HFFolder, model: GPTConfig) -> dict[str, tuple[int, 
         where = folder.where(asked[-1]) if asked else folder.folder
         raise ConvertError(f"{where}: {e.args[0]}; the weights do not match {CONFIG_JSON} (fix the config or "
                            "re-download the model)") from e
+    not_float = [n for n in asked if not folder.meta(n).dtype.is_floating_point]
+    if not_float:
+        name = not_float[0]
+        raise ConvertError(f"{folder.where(name)}: tensor {name!r} is {str(folder.meta(name).dtype)[6:]}, not a "
+                           f"floating-point weight ({len(not_float)} such: {not_float[:4]}); model weights are float32, "
+                           "bfloat16 or float16 and are never cast from integers or bools: the file is not these "
+                           "weights or is damaged (re-download it)")
     known = set(hf_names(model)) | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(n for n in folder.files if n not in known and not n.endswith(_IGNORED))
     if extra:
@@ -197,6 +207,11 @@ def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: O
         raise ConvertError(f"{path / CONFIG}: {e}; pass --family {'qwen2' if model.qkv_bias else 'llama'}") from e
     config.update(torch_dtype=dtype, dtype=dtype)
     reader = TensorReader(path)
+    not_float = sorted(k for k in reader.entries if k.startswith("model.") and not reader.dtype(k).is_floating_point)
+    if not_float:
+        raise ConvertError(f"{path}: tensor {not_float[0]!r} is {str(reader.dtype(not_float[0]))[6:]}, not a "
+                           f"floating-point weight ({len(not_float)} such); megalysses checkpoints hold float weights "
+                           "and nothing is cast from integers or bools: the checkpoint is damaged or not ours")
     try:
         planned = [(n, tuple(t.shape), DTYPES[dtype]) for n, t in ours_to_hf(
             lambda name: torch.empty(reader.shape(model_key(name)), device="meta"), model)]

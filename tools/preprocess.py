@@ -63,8 +63,11 @@ def check_text_inputs(files: Sequence[Path]) -> None:
     """Raise ValueError naming the first text or JSONL input whose first bytes are binary (NULs, invalid UTF-8)."""
     for path in files:
         if file_format(path) in ("text", "jsonl"):
-            with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-                why = not_text(f.read(SNIFF_BYTES))
+            try:
+                with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+                    why = not_text(f.read(SNIFF_BYTES))
+            except (OSError, EOFError) as e:  # a damaged or truncated .gz
+                raise ValueError(f"{path}: unreadable ({e}); re-create or re-download the file") from e
             if why:
                 raise ValueError(f"{path}: not text ({why}); text and JSONL inputs must be UTF-8: remove the file "
                                  "from the inputs, or convert it to text first")
@@ -120,12 +123,15 @@ def read_documents(files: Iterable[Path], text_key: str = "text", text_docs: str
     """The documents of every file, in order."""
     for path in files:
         fmt = file_format(path)
-        if fmt == "text":
-            yield from _text_documents(path, text_docs)
-        elif fmt == "jsonl":
-            yield from _jsonl_documents(path, text_key)
-        else:
-            yield from _parquet_documents(path, text_key)
+        try:
+            if fmt == "text":
+                yield from _text_documents(path, text_docs)
+            elif fmt == "jsonl":
+                yield from _jsonl_documents(path, text_key)
+            else:
+                yield from _parquet_documents(path, text_key)
+        except EOFError as e:  # a .gz cut short past the part check_text_inputs read
+            raise ValueError(f"{path}: unreadable ({e}); re-create or re-download the file") from e
 
 
 def chunked(docs: Iterable[str], size: int) -> Iterator[list[str]]:

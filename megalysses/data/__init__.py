@@ -43,5 +43,6 @@ def build_dataset(cfg: DataConfig) -> Union[TokenWindows, PackedCorpus]:
 
 __all__ = ["Batch", "BatchLoader", "BlendedDataset", "ByteTokenizer", "CORPUS_MODULES", "HFTokenizer",
            "IndexedDataset", "IndexedWriter", "PackedCorpus", "PackedDataset", "TokenWindows", "apportion",
-           "build_dataset", "check_data_against_model", "builtin_corpus", "byte_tokens", "dataset_paths", "dp_rows", "is_indexed", "load_text",
+           "build_dataset", "builtin_corpus", "byte_tokens", "check_data_against_model", "dataset_paths", "dp_rows",
+           "is_indexed", "load_text",
            "load_tokenizer", "resolve_prefix", "seeded_generator", "split_documents", "token_dtype"]

@@ -33,8 +33,8 @@ def _check_dataset(cfg: RunConfig, prefix: str) -> None:
     where = dataset_paths(prefix)["json"]
     if meta["vocab_size"] > vocab:
         raise ConfigError(f"data.source = {source!r} was tokenised by {meta.get('tokenizer')!r} with "
-                          f"{meta['vocab_size']} ids (vocab_size in {where}), more than model.vocab_size = {vocab}: its "
-                          f"ids would index past the embedding; set model.vocab_size={meta['vocab_size']} (or more), "
+                          f"{meta['vocab_size']} ids (vocab_size in {where}), more than model.vocab_size = {vocab}: "
+                          f"its ids would index past the embedding; set model.vocab_size={meta['vocab_size']} (or more), "
                           f"or preprocess with a tokenizer of at most {vocab} ids")
     largest = max(meta.get("max_token_id", -1), meta["eos_id"])
     if largest >= vocab:

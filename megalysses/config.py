@@ -116,8 +116,9 @@ class DataConfig:
 
     source: str = "builtin"
     """'builtin' (the small text shipped in megalysses/data/) or a path to a text file or folder."""
-    tokenizer: str = "byte"
-    """'byte' (raw UTF-8 bytes, 256 ids) or a path to a Hugging Face tokenizer.json."""
+    tokenizer: Optional[str] = None
+    """'byte' (raw UTF-8 bytes, 256 ids) or a path to a Hugging Face tokenizer.json; None: the one a preprocessed
+    dataset records (byte for text sources). A tokenizer other than the recorded one is refused."""
     val_fraction: float = 0.1
     """Fraction of the tokens held out for validation."""
     seed: int = 1234
@@ -139,6 +140,9 @@ class CheckpointConfig:
     """Checkpoints kept on disk (older ones are deleted); 0 keeps all."""
     resume: str = "auto"
     """'auto' (latest checkpoint in dir, if any), 'never', or the path of a checkpoint to resume from."""
+    overwrite: bool = False
+    """With resume 'never': allow starting afresh in a checkpoint dir that already holds checkpoints (this run's saves
+    replace them and keep_last prunes them); false refuses, naming what would be lost."""
 
     def __post_init__(self):
         _require(self.every >= 0, f"checkpoint.every = {self.every}: must be >= 0")

@@ -68,12 +68,33 @@ def format_duration(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------ run directory
 
 
+def repair_torn_tail(path: Path) -> int:
+    """Cut a last record torn by a kill mid-write (bytes after the last newline) off path, keep them in
+    <path>.torn, warn once; returns how many bytes were cut (0: the file ends with a whole line, or is absent)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1  # 0 when not even the first line is whole
+        side = path.with_name(path.name + ".torn")
+        with side.open("ab") as torn:
+            torn.write(data[keep:] + b"\n")
+        f.truncate(keep)
+    print(f"warning: {path}: the last record was cut off mid-write ({len(data) - keep} bytes, kept in {side}); "
+          "truncated to the last complete line before appending", file=sys.stderr, flush=True)
+    return len(data) - keep
+
+
 class JsonlSink:
-    """One JSON object per logged step appended to <run_dir>/metrics.jsonl: step, seconds since start, metrics."""
+    """One JSON object per logged step appended to <run_dir>/metrics.jsonl: step, seconds since start, metrics. A
+    record torn by a kill mid-write is cut off first (repair_torn_tail), so the next one starts on its own line."""
 
     def __init__(self, run_dir: Path | str):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_torn_tail(self.path)
         self.file, self.start = self.path.open("a"), time.monotonic()
 
     def log(self, step: int, metrics: Mapping) -> None:

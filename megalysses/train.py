@@ -12,7 +12,9 @@ from typing import Optional, Sequence
 
 from megalysses.parallel.launch import launch, launch_world_size
 
+from .checkpoint import check_overwrite
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config
+from .data import check_data_against_model
 from .sinks import require_sinks
 from .trainer import train
 
@@ -28,12 +30,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def load_checked(prog: str, config: str, overrides: Sequence[str]) -> Optional[RunConfig]:
-    """The run config, checked against the world it will run on before any rank starts; None (after one line on
-    stderr) when it is wrong."""
+    """The run config, checked before any rank starts (against the world it will run on, the dataset's vocabulary
+    and tokenizer, the checkpoints it would overwrite); None (after one line on stderr) when it is wrong."""
     try:
         cfg = load_run_config(config, overrides)
         cfg.check(launch_world_size(cfg.train.nproc))
         require_sinks(cfg.logging)  # a missing wandb / tensorboard package stops here
+        check_data_against_model(cfg)
+        check_overwrite(cfg)
         return cfg
     except (ConfigError, FileNotFoundError) as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)

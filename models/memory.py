@@ -36,6 +36,8 @@ def _pack_to_host(t: torch.Tensor):
     too, so the path runs the same in CPU tests)."""
     if not t.is_cuda:
         return t.device, t.detach().clone(), None
+    if t.numel() == 0:  # no bytes to copy; CUDA gives an empty pinned request no page-locked buffer (not is_pinned)
+        return t.device, torch.empty(t.shape, dtype=t.dtype), None
     stream = _offload_stream(t.device)
     stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written before it is read
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)

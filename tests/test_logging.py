@@ -185,3 +185,33 @@ def test_four_ranks_one_writer(tmp_path, wandb_env):
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3]
     (run,) = offline_runs(run_dir)
     assert list(run.glob("run-*.wandb"))
+
+
+def test_a_torn_last_record_is_cut_off_on_resume_and_the_file_plots(tmp_path, capsys):
+    """A kill mid-write leaves half a record: the resumed run's first record must start on its own line, the torn
+    bytes go to metrics.jsonl.torn (warned once), and megalysses-plot reads the repaired file."""
+    from megalysses.tools.plot import read_metrics
+
+    cfg = run_config(tmp_path)
+    with MetricsSinks(cfg, rank=0, stream=io.StringIO()) as log:
+        log.log(1, {"loss": 3.0})
+        log.log(2, {"loss": 2.5})
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"step": 3, "time": 0.1, "lo')  # killed mid-write
+    with MetricsSinks(cfg, rank=0, start_step=2, stream=io.StringIO()) as log:
+        log.log(3, {"loss": 2.0})
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]  # every line whole JSON
+    assert (tmp_path / "metrics.jsonl.torn").read_bytes() == b'{"step": 3, "time": 0.1, "lo\n'
+    err = capsys.readouterr().err
+    assert err.count("the last record was cut off mid-write (28 bytes") == 1
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [3.0, 2.5, 2.0]
+    with MetricsSinks(cfg, rank=0, start_step=3, stream=io.StringIO()):
+        pass  # a whole file is left as it is
+    assert "cut off" not in capsys.readouterr().err and len(records(tmp_path)) == 3
+
+
+def test_a_file_whose_only_record_is_torn_is_emptied(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "lo')
+    with MetricsSinks(run_config(tmp_path), rank=0, stream=io.StringIO()) as log:
+        log.log(2, {"loss": 1.0})
+    assert [r["step"] for r in records(tmp_path)] == [2]

@@ -265,5 +265,7 @@ def test_offload_to_pinned_memory_on_gpu(monkeypatch):
     batch = make_batch(CFG, batch=B, seq=S, packed=True)
     plain = single_device(CFG, batch, MemoryConfig(), device="cuda")
     loss_err, grad_err, worst = compare(plain, single_device(CFG, batch, SAVERS["all"], device="cuda"))
-    assert hosts and all(h.device.type == "cpu" and h.is_pinned() for h in hosts)
+    assert all(h.device.type == "cpu" for h in hosts)
+    copied = [h for h in hosts if h.numel() > 0]  # an empty tensor has nothing to copy: it is never pinned
+    assert copied and all(h.is_pinned() for h in copied), [(tuple(h.shape), h.is_pinned()) for h in hosts]
     assert loss_err < 1e-6 and grad_err < 1e-5, worst

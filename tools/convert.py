@@ -66,7 +66,10 @@ def target_layout(name: str, model: GPTConfig, world_size: Optional[int]) -> Par
         try:
             layout = from_dict(ParallelLayout, yaml.safe_load(name), f"--layout {name!r}", "layout")
         except yaml.YAMLError as e:
-            raise ConvertError(f"--layout {name!r}: not a YAML mapping ({e})") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            raise ConvertError(f"--layout {name!r}: not a YAML mapping ({getattr(e, 'problem', None) or 'unparsable'}"
+                               f"{where}); write it like '{{tp: 2, sp: 2}}'") from e
     else:
         layout = load_layout(name)
     try:
@@ -162,6 +165,13 @@ def _planned_shapes(folder: HFFolder, model: GPTConfig) -> dict[str, tuple[int, 
         where = folder.where(asked[-1]) if asked else folder.folder
         raise ConvertError(f"{where}: {e.args[0]}; the weights do not match {CONFIG_JSON} (fix the config or "
                            "re-download the model)") from e
+    not_float = [n for n in asked if not folder.meta(n).dtype.is_floating_point]
+    if not_float:
+        name = not_float[0]
+        raise ConvertError(f"{folder.where(name)}: tensor {name!r} is {str(folder.meta(name).dtype)[6:]}, not a "
+                           f"floating-point weight ({len(not_float)} such: {not_float[:4]}); model weights are float32, "
+                           "bfloat16 or float16 and are never cast from integers or bools: the file is not these "
+                           "weights or is damaged (re-download it)")
     known = set(hf_names(model)) | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(n for n in folder.files if n not in known and not n.endswith(_IGNORED))
     if extra:
@@ -197,6 +207,11 @@ def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: O
         raise ConvertError(f"{path / CONFIG}: {e}; pass --family with a family that fits") from e
     config.update(torch_dtype=dtype, dtype=dtype)
     reader = TensorReader(path)
+    not_float = sorted(k for k in reader.entries if k.startswith("model.") and not reader.dtype(k).is_floating_point)
+    if not_float:
+        raise ConvertError(f"{path}: tensor {not_float[0]!r} is {str(reader.dtype(not_float[0]))[6:]}, not a "
+                           f"floating-point weight ({len(not_float)} such); megalysses checkpoints hold float weights "
+                           "and nothing is cast from integers or bools: the checkpoint is damaged or not ours")
     try:
         planned = [(n, tuple(t.shape), DTYPES[dtype]) for n, t in ours_to_hf(
             lambda name: torch.empty(reader.shape(model_key(name)), device="meta"), model)]
@@ -250,27 +265,34 @@ def reshard(ckpt: str, out: str, layout_name: str, world_size: Optional[int] = N
 
 # -------------------------------------------------------------------------------------------------------- inspect
 
-def inspect(target: str) -> str:
-    """A readable summary: validity, step, layout, model config, every tensor's name, shape and dtype."""
+def inspect(target: str) -> tuple[str, Optional[str]]:
+    """A readable summary (validity, step, layout, model config, every tensor's name, shape and dtype) and what is
+    wrong with the checkpoint (None: valid); an invalid one's tensor index is not read (nothing is unpickled before
+    the files match the manifest)."""
     path = Path(target)
     if (path / CONFIG_JSON).is_file() and not is_checkpoint(path):
-        return _inspect_hf(path)
+        return _inspect_hf(path), None
     path = resolve(path)
     _, problem = first_problem(path)
     meta = read_json(path / META, "the checkpoint is incomplete")
     run = load_run_config(path / CONFIG)
-    reader = TensorReader(path)
-    params = sum(_numel(reader.shape(k)) for k in reader.entries if k.startswith("model."))
+    reader = TensorReader(path) if problem is None else None
     lines = [f"checkpoint  {path}", f"status      {'valid' if problem is None else 'INVALID: ' + problem}",
              f"step        {meta.get('step')}", f"saved on    {meta.get('world_size') or 'any number of'} ranks",
              f"layout      {_short(meta.get('layout') or {})}",
              f"optimizer   {'AdamW state' if meta.get('optimizer') else 'none (weights only)'}",
-             f"source      {meta.get('source')}", f"parameters  {params:,}", "model:"]
+             f"source      {meta.get('source')}"]
+    if reader is not None:
+        lines.append(f"parameters  {sum(_numel(reader.shape(k)) for k in reader.entries if k.startswith('model.')):,}")
+    lines.append("model:")
     lines += [f"  {k}: {v}" for k, v in dataclasses.asdict(run.model).items()]
+    if reader is None:
+        lines.append("tensors: not read (the checkpoint failed validation; its tensor index is not trusted)")
+        return "\n".join(lines), problem
     lines.append(f"tensors ({len(reader.entries)}):")
     lines += [f"  {k}  {list(reader.shape(k))}  {str(reader.dtype(k)).replace('torch.', '')}"
               for k in sorted(reader.entries)]
-    return "\n".join(lines)
+    return "\n".join(lines), None
 
 
 def _inspect_hf(path: Path) -> str:
@@ -338,8 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "reshard":
             done = reshard(args.ckpt, args.out, args.layout, args.world_size, args.quiet)
         else:
-            print(inspect(args.ckpt))
-            return 0
+            summary, problem = inspect(args.ckpt)
+            print(summary)
+            if problem:
+                print(f"megalysses-convert: error: invalid checkpoint: {problem}", file=sys.stderr)
+            return 1 if problem else 0
     except (ConvertError, CheckpointError, HFFolderError, ConfigError, OSError) as err:
         print(f"megalysses-convert: error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from megalysses.data.indexed import IndexedWriter
+from megalysses.data.quickstart import SNIFF_BYTES, not_text
 from megalysses.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -56,6 +57,20 @@ def input_files(inputs: Sequence[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{name}: no such file or folder")
     return files
+
+
+def check_text_inputs(files: Sequence[Path]) -> None:
+    """Raise ValueError naming the first text or JSONL input whose first bytes are binary (NULs, invalid UTF-8)."""
+    for path in files:
+        if file_format(path) in ("text", "jsonl"):
+            try:
+                with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+                    why = not_text(f.read(SNIFF_BYTES))
+            except (OSError, EOFError) as e:  # a damaged or truncated .gz
+                raise ValueError(f"{path}: unreadable ({e}); re-create or re-download the file") from e
+            if why:
+                raise ValueError(f"{path}: not text ({why}); text and JSONL inputs must be UTF-8: remove the file "
+                                 "from the inputs, or convert it to text first")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -108,12 +123,15 @@ def read_documents(files: Iterable[Path], text_key: str = "text", text_docs: str
     """The documents of every file, in order."""
     for path in files:
         fmt = file_format(path)
-        if fmt == "text":
-            yield from _text_documents(path, text_docs)
-        elif fmt == "jsonl":
-            yield from _jsonl_documents(path, text_key)
-        else:
-            yield from _parquet_documents(path, text_key)
+        try:
+            if fmt == "text":
+                yield from _text_documents(path, text_docs)
+            elif fmt == "jsonl":
+                yield from _jsonl_documents(path, text_key)
+            else:
+                yield from _parquet_documents(path, text_key)
+        except EOFError as e:  # a .gz cut short past the part check_text_inputs read
+            raise ValueError(f"{path}: unreadable ({e}); re-create or re-download the file") from e
 
 
 def chunked(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -192,6 +210,7 @@ def preprocess(inputs: Sequence[str], output: str, tokenizer: str = "byte", eos_
     if text_docs not in ("file", "line"):
         raise ValueError(f"text_docs = {text_docs!r}: must be 'file' (a text file is one document) or 'line'")
     files = input_files(inputs)
+    check_text_inputs(files)
     tok = load_tokenizer(tokenizer, eos_token)
     if workers is None:
         workers = 1 if tokenizer == "byte" else os.cpu_count() or 1
@@ -205,6 +224,10 @@ def preprocess(inputs: Sequence[str], output: str, tokenizer: str = "byte", eos_
         for data, lengths, chars in encoded_chunks(chunks, tok, tokenizer, eos_token, workers):
             writer.add(data, lengths)
             progress.update(len(lengths), sum(lengths), chars)
+        if writer.num_tokens == 0:  # the with-block drops the temp files: nothing is written
+            raise ValueError(f"{', '.join(map(str, inputs))}: {writer.num_documents} documents and 0 tokens: nothing to "
+                             f"train on; give inputs that hold text (for JSONL / parquet, in the --text-key "
+                             f"{text_key!r} field)")
         meta = writer.commit(sources=[str(f) for f in files], text_key=text_key, text_docs=text_docs)
     progress.out(progress.line())
     return meta
@@ -234,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         preprocess(args.inputs, args.output, args.tokenizer, args.eos_token, args.text_key, args.text_docs,
                    args.workers, args.chunk_docs, args.overwrite, Progress(args.progress_every))
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ValueError, ImportError, EOFError) as err:  # EOFError: a truncated .gz
         print(f"megalysses-preprocess: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,7 +11,7 @@ On disk (`checkpoint.dir`, default `<logging.run_dir>/checkpoints`):
                                 state is present, data position ({step, global_batch_size, loaders: {train: the
                                 BatchLoader state}}), source (e.g. {format: hf, family, dtype} for converted models)
       rng/rank-00000.pt         each global rank's torch CPU (+ CUDA) generator and Python `random` state
-      manifest.json             written last: {format, version, step, files: {name: {bytes, crc32}}}
+      manifest.json             written last: {format, version, step, files: {name: {bytes, sha256}}}
     .tmp-step-14/               a save in progress (or one a crash interrupted: never resumed, removed next save)
 
 Tensors are layout-independent: each parameter under its canonical name (`GPT.canonical_parameters()`) in its FULL
@@ -27,15 +27,26 @@ ranks), never by dp/sp replicas, never for the tied embedding's copy on the last
 ZeRO 0/1/3, world size) loads it: each rank reads the full tensors of its own parameters one at a time and cuts its
 shards out. A save goes to `.tmp-step-N`, is hashed (each rank its share of the files) and checked complete, then
 renamed to `step-N` (os.replace), then `latest` is rewritten (temp + replace), then checkpoints beyond keep_last are
-deleted. Loading re-checks sizes and CRC32s against the manifest; resume 'auto' falls back to the newest good one.
-A shared filesystem across ranks is assumed (as DCP's FileSystemWriter does).
+deleted. Loading re-checks sizes and SHA-256s against the manifest before it reads (or unpickles) anything; resume
+'auto' falls back to the newest good one. A shared filesystem across ranks is assumed (as DCP's FileSystemWriter
+does). `checkpoint.resume=never` over existing checkpoints is refused unless `checkpoint.overwrite=true`
+(`check_overwrite`, before ranks start, and again at the first save).
+
+What the manifest promises: every listed file is present, of its recorded size and SHA-256, so damage, truncation
+and a half-finished save are detected. It does not authenticate: whoever can rewrite the files can rewrite the
+manifest, so it detects tampering only when the manifest itself comes from a trusted place. Version-1 manifests
+(CRC32) are still read, with a warning: refusing them would strand every older run's checkpoints, and CRC32 catches
+damage as well; only the tampering promise is weaker. Loading never runs code from a checkpoint either way: the DCP
+`.metadata` is unpickled admitting only DCP's metadata classes and torch dtypes (`unpickle.DCP_GLOBALS`), RNG and
+module extra state load with torch.load(weights_only=True), and Transformer Engine's pickled FP8 state is unpickled
+with an allow-list and re-pickled before TE's set_extra_state sees it.
 """
 from .files import (CheckpointError, is_checkpoint, list_checkpoints, read_latest, read_manifest, resolve,
                     step_dir_name, verify)
 from .state import TrainingState, model_key, optimizer_key
 from .tensors import TensorReader, save_streaming
-from .checkpointer import Checkpointer, resume_candidates
+from .checkpointer import Checkpointer, check_overwrite, checkpoint_root, resume_candidates
 
-__all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "is_checkpoint", "list_checkpoints",
-           "model_key", "optimizer_key", "read_latest", "read_manifest", "resolve", "resume_candidates",
-           "save_streaming", "step_dir_name", "verify"]
+__all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "check_overwrite", "checkpoint_root",
+           "is_checkpoint", "list_checkpoints", "model_key", "optimizer_key", "read_latest", "read_manifest", "resolve",
+           "resume_candidates", "save_streaming", "step_dir_name", "verify"]

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from megalysses.config import RunConfig, load_run_config, save_resolved
+from megalysses.config import ConfigError, RunConfig, load_run_config, save_resolved
 from megalysses.models.build import model_inventory
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel.dp import DataParallel
@@ -22,6 +22,7 @@ from .files import (CONFIG, FORMAT, META, PARTS, VERSION, CheckpointError, commi
                     step_dir_name, temp_dir_name, write_json, write_latest, write_manifest)
 from .state import MOMENTS, TrainingState, model_key, optimizer_key, optimizer_present
 from .tensors import TensorReader, save_on_every_rank
+from .unpickle import sanitized_te_state
 
 def rng_file(rank: int) -> str:
     return f"rng/rank-{rank:05d}.pt"
@@ -37,6 +38,39 @@ def extra_state_modules(chunks) -> dict[str, torch.nn.Module]:
             if type(m).get_extra_state is not torch.nn.Module.get_extra_state}
 
 
+def checkpoint_root(cfg: RunConfig) -> Path:
+    """The folder of a run's checkpoints: checkpoint.dir, else <logging.run_dir>/checkpoints."""
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+def check_overwrite(cfg: RunConfig) -> None:
+    """Raise ConfigError when checkpoint.resume = 'never' would start afresh over existing checkpoints (which the
+    run's saves replace and keep_last prunes) and checkpoint.overwrite is not set. Call before ranks start."""
+    if cfg.checkpoint.resume != "never" or cfg.checkpoint.overwrite:
+        return
+    root = checkpoint_root(cfg)
+    found = list_checkpoints(root)
+    if found:
+        raise ConfigError(f"checkpoint.resume = 'never', but {root} holds {len(found)} checkpoint(s) of an earlier run "
+                          f"(newest step-{found[-1][0]}) that this run's saves would replace or prune: set "
+                          "checkpoint.overwrite=true to discard them, checkpoint.resume=auto to continue them, or "
+                          "another logging.run_dir (or checkpoint.dir)")
+
+
+def load_extra_state(path: Path) -> dict:
+    """A rank's {module path: extra state} file, read with torch.load(weights_only=True): tensors, numbers, text."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler refuses with its own error types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not loadable as tensors only ({first}); delete the checkpoint's extra/ "
+                              "folder to resume with fresh FP8 scales") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dict of module extra states; delete "
+                              "the checkpoint's extra/ folder to resume with fresh FP8 scales")
+    return state
+
+
 class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the model and AdamW state (layout-independent),
     the step (the LR schedule is a function of it), every rank's RNG states and the data position."""
@@ -47,7 +81,8 @@ class Checkpointer:
         self.chunks = list(chunks)
         self.state = TrainingState(self.chunks, mesh, dp)
         self.loaders = dict(loaders or {})  # split -> BatchLoader (packed datasets); windows are indexed by step
-        self.root = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+        self.root = checkpoint_root(cfg)
+        self.saved_once = False  # the first save checks it overwrites nothing it must not (check_overwrite)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.everyone = C.CommGroup(None, tuple(range(self.world)), self.rank)  # pg None: the default group
         self.device = mesh.device
@@ -67,6 +102,9 @@ class Checkpointer:
         """Collective: write `<root>/.tmp-step-N`, hash and validate it, rename it to `step-N`, point `latest` at it,
         delete checkpoints beyond keep_last. A crash at any point leaves the previous checkpoints intact."""
         tmp, final = self.root / temp_dir_name(step), self.root / step_dir_name(step)
+        if not self.saved_once:  # every rank alike: nothing is committed before the first barrier
+            check_overwrite(self.cfg)
+            self.saved_once = True
         if self.rank == 0:
             remove_stale_temps(self.root)
             for sub in (PARTS, "rng", "extra"):
@@ -230,10 +268,10 @@ class Checkpointer:
         if not same:
             self._say("note: module extra state (FP8 scaling history) not restored: the layout changed")
             return
-        state = torch.load(saved, weights_only=False)
+        state = load_extra_state(saved)
         for key, module in modules.items():
             if key in state:
-                module.set_extra_state(state[key])
+                module.set_extra_state(sanitized_te_state(state[key], f"{saved} [{key!r}]"))
                 # a module that never ran in FP8 saves an empty tensor: nothing came back for it
                 blob = state[key]
                 self.extra_restored |= blob is not None and not (isinstance(blob, torch.Tensor) and blob.numel() == 0)

@@ -1,16 +1,19 @@
-"""Checkpoint folders on disk: atomic commit (temporary folder -> manifest -> rename -> `latest`), a CRC32 per file,
-validation that names the bad file, and keep-last-K retention. Plain files only: no torch.distributed here."""
+"""Checkpoint folders on disk: atomic commit (temporary folder -> manifest -> rename -> `latest`), a SHA-256 per
+file, validation that names the bad file, and keep-last-K retention. Plain files only: no torch.distributed here."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-FORMAT, VERSION = "megalysses-checkpoint", 1
+FORMAT, VERSION = "megalysses-checkpoint", 2
+"""Version 2: the manifest records a SHA-256 per file (version 1 recorded CRC32s; still read, with a warning)."""
 MANIFEST, META, CONFIG, LATEST = "manifest.json", "meta.json", "config.yaml", "latest"
 PARTS = ".parts"
 """Per-rank partial manifests while a save hashes its files (merged into manifest.json, then removed)."""
@@ -90,12 +93,34 @@ def read_json(path: Path | str, what: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- manifest, checks
 
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in blocks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_crc32(path: Path | str) -> str:
+    """CRC32 of a file as 8 hex digits: what version-1 manifests recorded."""
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
+
+
+_WARNED_CRC32: set[str] = set()
+
+
+def _warn_crc32(folder: Path) -> None:
+    """Once per folder: a version-1 manifest is checked by CRC32, which catches damage but not deliberate edits."""
+    if str(folder) not in _WARNED_CRC32:
+        _WARNED_CRC32.add(str(folder))
+        print(f"warning: {folder / MANIFEST} records CRC32s (checkpoint format version 1): damage and truncation are "
+              "detected, deliberate edits are not; rewrite it with SHA-256 by resuming and saving, or with "
+              "megalysses-convert reshard", file=sys.stderr, flush=True)
 
 
 def payload_files(folder: Path | str) -> list[str]:
@@ -106,13 +131,13 @@ def payload_files(folder: Path | str) -> list[str]:
 
 
 def describe_files(folder: Path | str, names: Sequence[str]) -> dict[str, dict]:
-    """{name: {'bytes', 'crc32'}} for the named files of folder."""
+    """{name: {'bytes', 'sha256'}} for the named files of folder."""
     folder = Path(folder)
-    return {n: {"bytes": (folder / n).stat().st_size, "crc32": file_crc32(folder / n)} for n in names}
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in names}
 
 
 def write_manifest(folder: Path | str, files: dict[str, dict], step: int) -> None:
-    """The manifest, written last: what a complete checkpoint holds, byte counts and CRC32s."""
+    """The manifest, written last: what a complete checkpoint holds, byte counts and SHA-256s."""
     write_json(Path(folder) / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
 
 
@@ -138,9 +163,18 @@ def check_file(folder: Path, name: str, entry: dict) -> Optional[str]:
     size = path.stat().st_size
     if size != entry.get("bytes"):
         return f"{path}: {size} bytes, the manifest records {entry.get('bytes')} (truncated or overwritten)"
-    if file_crc32(path) != entry.get("crc32"):
-        return f"{path}: CRC32 {file_crc32(path)} differs from the manifest's {entry.get('crc32')} (corrupted)"
-    return None
+    if "sha256" in entry:
+        digest = file_sha256(path)
+        if digest != entry["sha256"]:
+            return f"{path}: SHA-256 {digest} differs from the manifest's {entry['sha256']} (corrupted or modified)"
+        return None
+    if "crc32" in entry:  # version 1: still readable (refusing would strand every older run's checkpoints)
+        _warn_crc32(folder)
+        digest = file_crc32(path)
+        if digest != entry["crc32"]:
+            return f"{path}: CRC32 {digest} differs from the manifest's {entry['crc32']} (corrupted)"
+        return None
+    return f"{path}: the manifest records no sha256 for it ({MANIFEST} damaged); resume from an earlier checkpoint"
 
 
 def first_problem(folder: Path | str, part: tuple[int, int] = (0, 1)) -> tuple[int, Optional[str]]:

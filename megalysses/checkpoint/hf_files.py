@@ -56,9 +56,7 @@ class HFFolder:
             return files
         single = self.folder / SINGLE
         if single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
+            with _safe_open(single) as f:
                 return {name: single for name in f.keys()}
         other = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pth"))
         hint = f" (found {other[:3]}: re-save with save_pretrained(..., safe_serialization=True))" if other else ""
@@ -67,11 +65,9 @@ class HFFolder:
     @contextlib.contextmanager
     def _open(self, name: str):
         """The file holding a tensor, memory-mapped only while it is read (so its pages never pile up)."""
-        from safetensors import safe_open
-
         if name not in self.files:
             raise KeyError(name)
-        with safe_open(str(self.files[name]), framework="pt") as f:
+        with _safe_open(self.files[name]) as f:
             yield f
 
     def where(self, name: str) -> Path:
@@ -91,8 +87,22 @@ class HFFolder:
         """A meta tensor with the stored shape and dtype of a tensor (reads the header only)."""
         with self._open(name) as f:
             piece = f.get_slice(name)
-            dtype = _DTYPES.get(piece.get_dtype(), torch.float32)
-            return torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+            if piece.get_dtype() not in _DTYPES:
+                raise HFFolderError(f"{self.files[name]}: tensor {name!r} is stored as {piece.get_dtype()}, which "
+                                    f"megalysses does not read (it reads {', '.join(sorted(_DTYPES))}); convert the "
+                                    "weights to float32, bfloat16 or float16 first")
+            return torch.empty(piece.get_shape(), dtype=_DTYPES[piece.get_dtype()], device="meta")
+
+
+def _safe_open(path: Path):
+    """safetensors.safe_open(path), its errors (damaged, truncated, not safetensors) as one HFFolderError naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) types
+        raise HFFolderError(f"{path}: not a readable safetensors file ({e}); it is truncated or damaged: "
+                            "re-download it") from e
 
 
 # ------------------------------------------------------------------------------------------------------- writing

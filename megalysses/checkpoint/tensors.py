@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from .files import CheckpointError
+from .unpickle import DCP_GLOBALS, restricted_loads
 
 _NO_DIST = "torch.distributed is disabled, unavailable or uninitialized"
 
@@ -56,6 +57,28 @@ def save_streaming(folder: Path | str, specs: Sequence[tuple[str, tuple[int, ...
         dcp.save(plan, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
 
 
+def read_dcp_metadata(folder: Path | str):
+    """The DCP index of a checkpoint folder, unpickled with only DCP's metadata classes admitted, its data files
+    checked to be plain names inside the folder."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(folder) / ".metadata"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint is damaged") from e
+    metadata = restricted_loads(data, path, DCP_GLOBALS)
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not a torch.distributed.checkpoint "
+                              "Metadata; the checkpoint is damaged or foreign")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{path}: names data file {name!r}, which is not a file name inside "
+                                  f"{Path(folder)}; the checkpoint is crafted or damaged: do not use it")
+    return metadata
+
+
 class TensorReader:
     """Named full tensors of a checkpoint folder, read on demand (any process, with or without a process group)."""
 
@@ -67,11 +90,8 @@ class TensorReader:
         if not (self.folder / ".metadata").is_file():
             raise CheckpointError(f"{self.folder / '.metadata'}: missing; the checkpoint's tensor index was never "
                                   "written (an interrupted save); resume from an earlier checkpoint")
+        metadata = read_dcp_metadata(self.folder)  # never DCP's own read_metadata: it is a plain pickle.load
         self._reader = FileSystemReader(str(self.folder))
-        try:
-            metadata = self._reader.read_metadata()
-        except Exception as e:  # noqa: BLE001 - a truncated pickle raises anything
-            raise CheckpointError(f"{self.folder / '.metadata'}: unreadable ({e}); the checkpoint is damaged") from e
         self._reader.read_metadata = lambda *a, **k: metadata  # parsed once, not once per read()
         self.entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             key: (tuple(m.size), m.properties.dtype) for key, m in metadata.state_dict_metadata.items()

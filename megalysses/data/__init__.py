@@ -25,6 +25,7 @@ from typing import Union
 from megalysses.config import DataConfig
 
 from .blend import BlendedDataset, apportion
+from .checks import check_data_against_model
 from .corpus import PackedCorpus, resolve_prefix, split_documents
 from .indexed import IndexedDataset, IndexedWriter, dataset_paths, is_indexed
 from .loader import BatchLoader, dp_rows
@@ -44,5 +45,5 @@ from .steps import StepData  # noqa: E402 - it builds datasets with build_datase
 
 __all__ = ["Batch", "BatchLoader", "BlendedDataset", "ByteTokenizer", "CORPUS_MODULES", "HFTokenizer",
            "IndexedDataset", "IndexedWriter", "PackedCorpus", "PackedDataset", "StepData", "TokenWindows", "apportion",
-           "build_dataset", "builtin_corpus", "byte_tokens", "dataset_paths", "dp_rows", "is_indexed", "load_text",
-           "load_tokenizer", "resolve_prefix", "seeded_generator", "split_documents", "token_dtype"]
+           "build_dataset", "builtin_corpus", "byte_tokens", "check_data_against_model", "dataset_paths", "dp_rows",
+           "is_indexed", "load_text", "load_tokenizer", "resolve_prefix", "seeded_generator", "split_documents", "token_dtype"]

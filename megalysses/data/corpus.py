@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -18,10 +18,15 @@ SPLITS = ("train", "val")
 
 
 def resolve_prefix(source: Union[str, Path]) -> str:
-    """The dataset prefix, also when `source` names one of its files (<prefix>.bin, .idx or .json)."""
+    """The dataset prefix, also when `source` names one of its files (<prefix>.bin, .idx or .json), and also when
+    the others are missing (opening it then says so, rather than a lone .bin being read as text)."""
     source = str(source)
     for suffix in SUFFIXES:
-        if source.endswith(suffix) and dataset_paths(source[: -len(suffix)])["json"].exists():
+        if not source.endswith(suffix):
+            continue
+        paths = dataset_paths(source[: -len(suffix)])
+        named = paths.pop(suffix[1:])
+        if (suffix != ".json" and named.exists()) or any(p.exists() for p in paths.values()):
             return source[: -len(suffix)]
     return source
 
@@ -36,9 +41,12 @@ def split_documents(num_documents: int, val_fraction: float, seed: int) -> dict[
     return {"train": order[n_val:].sort().values, "val": order[:n_val].sort().values}
 
 
-def check_tokenizer(spec: str, data: IndexedDataset) -> None:
-    """The config's tokenizer must be the one that made the dataset (same name for 'byte', same bytes for a file)."""
+def check_tokenizer(spec: Optional[str], data: IndexedDataset) -> None:
+    """The config's tokenizer must be the one that made the dataset (same name for 'byte', same bytes for a file);
+    None (the default) takes the recorded one."""
     made_by = data.meta.get("tokenizer")
+    if spec is None:
+        return
     if spec == "byte":
         same = made_by == "byte"
     else:

@@ -2,7 +2,8 @@
 
     <prefix>.bin   every document's token ids back to back, little-endian uint16 (vocab <= 65536) or uint32
     <prefix>.idx   int64 little-endian document offsets into .bin (num_documents + 1 of them, first 0, last num_tokens)
-    <prefix>.json  metadata: format, version, dtype, vocab_size, eos_id, tokenizer, num_documents, num_tokens, ...
+    <prefix>.json  metadata: format, version, dtype, vocab_size, eos_id, tokenizer, num_documents, num_tokens,
+                   max_token_id (the largest id in .bin, -1 when empty; absent in datasets written before it), ...
 
 Documents hold no EOS: packing appends it. The raw files read with numpy too:
 ``np.memmap(prefix + ".bin", dtype=meta["dtype"])``, ``np.fromfile(prefix + ".idx", dtype="<i8")``.
@@ -15,6 +16,7 @@ import itertools
 import json
 import os
 import sys
+import warnings
 from array import array
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -46,6 +48,17 @@ def _require_little_endian() -> None:
                            "big-endian; convert the files or read them with numpy and an explicit '<' dtype")
 
 
+def largest_id(data: bytes, dtype: str) -> int:
+    """The largest of the little-endian token ids in data (-1 when there are none)."""
+    if not data:
+        return -1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")  # read only, never written
+        ids = torch.frombuffer(data, dtype=_SIGNED[dtype])
+    return int((ids.max().long() & _UNSIGNED_MASK[dtype]) if bool((ids >= 0).all()) else
+               (ids.long() & _UNSIGNED_MASK[dtype]).max())
+
+
 class IndexedWriter:
     """Appends chunks of documents to temp files beside the prefix; commit() renames them into place atomically."""
 
@@ -65,7 +78,7 @@ class IndexedWriter:
         self.tmp = {k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in self.paths.items()}
         self._bin = open(self.tmp["bin"], "wb")
         self._idx = open(self.tmp["idx"], "wb")
-        self.num_documents, self.num_tokens = 0, 0
+        self.num_documents, self.num_tokens, self.max_token_id = 0, 0, -1
         self._idx.write(array("q", [0]).tobytes())
 
     def add(self, data: bytes, lengths: Sequence[int]) -> None:
@@ -77,6 +90,7 @@ class IndexedWriter:
         offsets = array("q", itertools.accumulate(lengths, initial=self.num_tokens))  # (len(lengths) + 1,)
         self._bin.write(data)
         self._idx.write(offsets[1:].tobytes())
+        self.max_token_id = max(self.max_token_id, largest_id(data, self.dtype))
         self.num_documents += len(lengths)
         self.num_tokens = offsets[-1]
 
@@ -86,7 +100,8 @@ class IndexedWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        self.meta.update(meta, num_documents=self.num_documents, num_tokens=self.num_tokens)
+        self.meta.update(meta, num_documents=self.num_documents, num_tokens=self.num_tokens,
+                         max_token_id=self.max_token_id)
         self.tmp["json"].write_text(json.dumps(self.meta, indent=1) + "\n")
         self.paths["json"].unlink(missing_ok=True)  # no moment where an old .json describes new .bin/.idx
         for key in ("bin", "idx", "json"):
@@ -115,6 +130,33 @@ def _map(path: Path, dtype: torch.dtype, count: int) -> torch.Tensor:
     return torch.from_file(str(path), shared=False, size=count, dtype=dtype)
 
 
+def read_meta(prefix: Union[str, Path]) -> dict[str, Any]:
+    """A dataset's metadata (<prefix>.json), checked against the sizes of .bin and .idx; reads nothing else."""
+    p = dataset_paths(prefix)
+    if not p["json"].is_file():
+        have = [str(x) for x in p.values() if x.exists()]
+        state = f"only {', '.join(have)} exist(s): an unfinished or interrupted write" if have else "no files"
+        raise FileNotFoundError(f"no indexed dataset at prefix {str(prefix)!r} ({p['json']} missing; {state}); "
+                                "copy all three files, or make the dataset again with megalysses-preprocess")
+    try:
+        meta = json.loads(p["json"].read_text())
+    except ValueError as e:
+        raise ValueError(f"{p['json']}: not valid JSON ({e}); preprocess the source again") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise ValueError(f"{p['json']}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} version "
+                         f"{VERSION}; preprocess the source again")
+    if meta.get("dtype") not in ITEMSIZE:
+        raise ValueError(f"{p['json']}: dtype {meta.get('dtype')!r} is not one of {sorted(ITEMSIZE)}")
+    expect = {"bin": meta["num_tokens"] * ITEMSIZE[meta["dtype"]], "idx": (meta["num_documents"] + 1) * 8}
+    for key, size in expect.items():
+        have = p[key].stat().st_size if p[key].exists() else None
+        if have != size:
+            raise ValueError(f"{p[key]}: {have} bytes, but {p['json']} describes {size}; the files do not belong "
+                             "together (interrupted copy?): preprocess the source again")
+    return meta
+
+
 class IndexedDataset:
     """A memory-mapped tokenised dataset: documents by index, token ids read lazily from <prefix>.bin."""
 
@@ -122,42 +164,18 @@ class IndexedDataset:
         _require_little_endian()
         self.prefix = str(prefix)
         self.paths = dataset_paths(prefix)
-        self.meta = self._read_meta()
+        self.meta = read_meta(prefix)
         self.dtype: str = self.meta["dtype"]
         self.vocab_size: int = self.meta["vocab_size"]
         self.eos_id: int = self.meta["eos_id"]
         self.num_documents: int = self.meta["num_documents"]
         self.num_tokens: int = self.meta["num_tokens"]
-        self._check_sizes()
         self.offsets = _map(self.paths["idx"], torch.int64, self.num_documents + 1)  # (n + 1,)
         self.lengths = self.offsets[1:] - self.offsets[:-1]  # (n,) in memory
         if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != self.num_tokens or bool((self.lengths < 0).any()):
             raise ValueError(f"{self.paths['idx']}: document offsets are not 0 <= ... <= num_tokens = "
                              f"{self.num_tokens} in order; the dataset is corrupt: preprocess it again")
         self._tokens = _map(self.paths["bin"], _SIGNED[self.dtype], self.num_tokens)  # signed view of the ids
-
-    def _read_meta(self) -> dict[str, Any]:
-        p = self.paths
-        if not p["json"].is_file():
-            have = [str(x) for x in p.values() if x.exists()]
-            state = f"only {', '.join(have)} exist(s): an unfinished or interrupted write" if have else "no files"
-            raise FileNotFoundError(f"no indexed dataset at prefix {self.prefix!r} ({p['json']} missing; {state}); "
-                                    "make one with megalysses-preprocess")
-        meta = json.loads(p["json"].read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{p['json']}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
-                             f"{FORMAT!r} version {VERSION}; preprocess the source again")
-        if meta.get("dtype") not in ITEMSIZE:
-            raise ValueError(f"{p['json']}: dtype {meta.get('dtype')!r} is not one of {sorted(ITEMSIZE)}")
-        return meta
-
-    def _check_sizes(self) -> None:
-        expect = {"bin": self.num_tokens * ITEMSIZE[self.dtype], "idx": (self.num_documents + 1) * 8}
-        for key, size in expect.items():
-            have = self.paths[key].stat().st_size if self.paths[key].exists() else None
-            if have != size:
-                raise ValueError(f"{self.paths[key]}: {have} bytes, but {self.paths['json']} describes {size}; the "
-                                 "files do not belong together (interrupted copy?): preprocess the source again")
 
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """Token ids (int64) at absolute positions of .bin (any shape)."""

@@ -29,19 +29,54 @@ def builtin_corpus() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def load_text(source: str) -> str:
-    """'builtin', a text file, or a folder of .txt files (read in sorted order)."""
-    if source == "builtin":
-        return builtin_corpus()
+SNIFF_BYTES = 1 << 16
+"""How much of a text source is read to tell text from binary (the whole file is read only by the ranks)."""
+
+
+def text_files(source: str) -> list[Path]:
+    """The files a text source names: the file, or the .txt files of a folder (sorted); errors name the source."""
     path = Path(source)
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise FileNotFoundError(f"data.source = {source!r}: the folder holds no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        return files
     if not path.is_file():
         raise FileNotFoundError(f"data.source = {source!r}: no such file or folder (use 'builtin' or a path)")
-    return path.read_text(encoding="utf-8", errors="replace")
+    return [path]
+
+
+def not_text(sample: bytes) -> str:
+    """Why a file's first bytes are not UTF-8 text ('' when they are): NUL bytes, or mostly invalid UTF-8."""
+    nul = sample.find(b"\x00")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}"
+    bad = sample.decode("utf-8", errors="replace").count("\ufffd")
+    if bad > max(4, len(sample) // 100):  # a cut character at the end of the sample counts once
+        return f"{bad} invalid UTF-8 sequences in its first {len(sample)} bytes"
+    return ""
+
+
+def check_text_source(source: str) -> None:
+    """Raise ValueError when a text source is empty or binary, reading only each file's first SNIFF_BYTES."""
+    files = text_files(source)
+    for f in files:
+        with open(f, "rb") as handle:
+            why = not_text(handle.read(SNIFF_BYTES))
+        if why:
+            raise ValueError(f"data.source = {source!r}: {f} is not text ({why}); a text source must be UTF-8 text; "
+                             "tokenised data is a prefix written by megalysses-preprocess (data.source=<prefix>)")
+    if sum(f.stat().st_size for f in files) == 0:
+        raise ValueError(f"data.source = {source!r}: empty (0 bytes of text): nothing to train on; give a text "
+                         "with at least train.seq_len + 1 bytes, or data.source=builtin")
+
+
+def load_text(source: str) -> str:
+    """'builtin', a text file, or a folder of .txt files (read in sorted order); refuses empty and binary ones."""
+    if source == "builtin":
+        return builtin_corpus()
+    check_text_source(source)
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in text_files(source))
 
 
 def byte_tokens(text: str) -> torch.Tensor:
@@ -59,7 +94,7 @@ class TokenWindows:
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "TokenWindows":
-        if cfg.tokenizer != "byte":
+        if cfg.tokenizer not in (None, "byte"):
             raise NotImplementedError(f"data.tokenizer = {cfg.tokenizer!r}: only 'byte' is available in this version")
         tokens = byte_tokens(load_text(cfg.source))
         n_val = int(len(tokens) * cfg.val_fraction)

@@ -57,7 +57,11 @@ class HFTokenizer:
             raise ImportError(f"tokenizer {str(path)!r} needs the Hugging Face 'tokenizers' package: "
                               "pip install tokenizers (or use the byte-level tokenizer 'byte')") from e
         self.path = Path(path)
-        self._tok = Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"tokenizer {str(path)!r}: not a Hugging Face tokenizer.json ({e}); pass the "
+                             "tokenizer.json saved with the model (tokenizer.save), or 'byte'") from e
         self.name = str(path)
         self.sha256 = file_sha256(self.path)
         vocab = self._tok.get_vocab(with_added_tokens=True)

@@ -2,26 +2,41 @@
 ranks), and `run_ranks` (gloo, forkserver processes, file store) for tests and the CPU quick-start."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 # Modules the forkserver imports once, so each rank starts in well under a second instead of re-importing torch.
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.tensor",
            "torch.distributed.checkpoint", "megalysses.parallel.mesh"]
 
 
+RANK_DIR_PREFIX = "megalysses-ranks-"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+ORPHAN_GRACE_S = 600.0
+"""How long a rank whose launcher died may take to finish its step and save before it exits regardless."""
+
+
 class RankFailure(RuntimeError):
-    """A rank raised, or the ranks did not finish before the deadline; the message holds their tracebacks."""
+    """A rank raised, or the ranks did not finish before the deadline; the message holds their tracebacks, `summary`
+    one line (the failing rank and its exception)."""
+
+    def __init__(self, message: str, summary: Optional[str] = None):
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]
 
 
 def _context() -> mp.context.BaseContext:
@@ -30,11 +45,15 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
-def _rank_main(fn, rank: int, world: int, store_path: str, dump_dir: str, timeout: float, results, args, kwargs):
+def _rank_main(fn, rank: int, world: int, store_path: str, dump_dir: str, timeout: float, results, launcher: int,
+               forward_signals: bool, args, kwargs):
     """Body of one rank: set threads, arm the hang dump, join the process group, run fn, report."""
     import torch
     import torch.distributed as dist
 
+    if forward_signals:  # a terminal's Ctrl-C reaches the launcher too, which sends every rank SIGTERM
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_launcher(launcher, dump_dir)
     torch.set_num_threads(1)
     dump = open(Path(dump_dir) / f"rank{rank}.stacks", "w")
     faulthandler.dump_traceback_later(max(timeout - 2.0, 1.0), exit=False, file=dump)
@@ -50,6 +69,8 @@ def _rank_main(fn, rank: int, world: int, store_path: str, dump_dir: str, timeou
         results.put(("error", rank, traceback.format_exc()))
     finally:
         faulthandler.cancel_dump_traceback_later()
+        if not _alive(launcher):  # nobody is left to clean up the scratch folder
+            shutil.rmtree(dump_dir, ignore_errors=True)
         try:
             import torch.distributed as dist
             if dist.is_initialized():
@@ -83,6 +104,12 @@ def launch(fn: Callable[..., Any], *args, nproc: int, device_type: str, command:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         try:
             fn(*args)
+        except Exception as e:  # noqa: BLE001 - one line per failing rank; the traceback on request
+            if debugging():
+                raise
+            print(f"{command}: rank {dist.get_rank()} failed: {type(e).__name__}: {e} (set MEGALYSSES_DEBUG=1 for "
+                  "the traceback)", file=sys.stderr, flush=True)
+            return 1
         finally:
             dist.destroy_process_group()
         return 0
@@ -90,32 +117,48 @@ def launch(fn: Callable[..., Any], *args, nproc: int, device_type: str, command:
         print(f"{command}: device cuda needs one process per GPU: start it with "
               f"torchrun --nproc-per-node N -m {command} ...", file=sys.stderr)
         return 2
-    run_ranks(_without_rank, nproc, fn, *args, timeout=7 * 24 * 3600.0)
+    try:
+        run_ranks(_without_rank, nproc, fn, *args, timeout=7 * 24 * 3600.0, forward_signals=True)
+    except RankFailure as e:
+        print(f"{command}: {e if debugging() else e.summary + ' (set MEGALYSSES_DEBUG=1 for the traceback)'}",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def debugging() -> bool:
+    """MEGALYSSES_DEBUG=1: rank failures print their whole traceback instead of one line."""
+    return os.environ.get("MEGALYSSES_DEBUG", "") not in ("", "0")
 
 
 def _without_rank(rank: int, world: int, fn: Callable[..., Any], *args) -> Any:
     return fn(*args)  # a launched function reads its rank from torch.distributed, as under torchrun
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0, **kwargs) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0, forward_signals: bool = False,
+              **kwargs) -> list[Any]:
     """Run fn(rank, world, *args, **kwargs) on `world` gloo ranks; returns the per-rank results in rank order.
 
     A raising rank fails the call at once with its traceback; ranks still running after `timeout` seconds are
     killed and the call fails with every rank's stack (a deadlock never hangs the caller). fn must be picklable
-    (a module-level function).
+    (a module-level function). With forward_signals, SIGINT / SIGTERM to this process are passed to every rank as
+    SIGTERM (the training loop then finishes its step, saves and exits) instead of ending this process. Ranks
+    whose launcher dies stop the same way, and exit after ORPHAN_GRACE_S at the latest.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by the forkserver when it starts; 1 thread per rank
     ctx = _context()
-    with tempfile.TemporaryDirectory(prefix="megalysses-ranks-") as tmp:
+    remove_orphaned_rank_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{RANK_DIR_PREFIX}{os.getpid()}-") as tmp:
         results = ctx.Queue()
         procs = [ctx.Process(target=_rank_main, daemon=True,
-                             args=(fn, r, world, os.path.join(tmp, "store"), tmp, timeout, results, args, kwargs))
+                             args=(fn, r, world, os.path.join(tmp, "store"), tmp, timeout, results, os.getpid(),
+                                   forward_signals, args, kwargs))
                  for r in range(world)]
         for p in procs:
             p.start()
         try:
-            return _collect(procs, results, world, timeout, tmp)
+            with _forwarding_stop_signals(procs) if forward_signals else contextlib.nullcontext():
+                return _collect(procs, results, world, timeout, tmp)
         finally:
             for p in procs:
                 if p.is_alive():
@@ -139,12 +182,77 @@ def _collect(procs, results, world: int, timeout: float, tmp: str) -> list[Any]:
         except queue.Empty:
             dead = [i for i, p in enumerate(procs) if i not in values and not p.is_alive() and p.exitcode not in (0, None)]
             if dead:
-                raise RankFailure(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before reporting")
+                code = procs[dead[0]].exitcode
+                why = (" (a stop signal before training began: nothing to save)" if code == -signal.SIGTERM
+                       else "")
+                raise RankFailure(f"rank {dead[0]} died with exit code {code} before reporting{why}")
             continue
         if status == "error":
-            raise RankFailure(f"rank {rank} of {world} raised:\n{value}")
+            last = value.strip().splitlines()[-1] if value.strip() else "an error"
+            raise RankFailure(f"rank {rank} of {world} raised:\n{value}", f"rank {rank} of {world} failed: {last}")
         values[rank] = pickle.loads(value)
     return [values[r] for r in range(world)]
+
+
+@contextlib.contextmanager
+def _forwarding_stop_signals(procs) -> Iterator[None]:
+    """While the ranks run, SIGINT / SIGTERM here are sent on to every live rank as SIGTERM (off the main thread,
+    where handlers cannot be installed, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    told = []
+
+    def forward(signum, frame):
+        if not told:
+            told.append(signum)
+            os.write(2, f"megalysses: {signal.Signals(signum).name} received: the ranks finish their step, save a "
+                        "checkpoint and exit\n".encode())
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_launcher(launcher: int, scratch: str) -> None:
+    """A rank whose launcher died (killed, crashed) must not train on as an orphan: it asks itself to stop (the loop
+    saves after its step), removes the launcher's scratch folder, and exits after ORPHAN_GRACE_S regardless."""
+    def watch():
+        while _alive(launcher):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="megalysses-launcher-watch", daemon=True).start()
+
+
+def remove_orphaned_rank_dirs() -> None:
+    """Delete scratch folders of earlier launches whose launcher process no longer exists."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RANK_DIR_PREFIX}*"):
+        pid = path.name[len(RANK_DIR_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _read(path: Path) -> str:

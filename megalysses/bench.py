@@ -39,10 +39,10 @@ from megalysses.parallel import ParallelMesh
 
 from megalysses.parallel.launch import launch, launch_world_size
 
-from .config import ConfigError, RunConfig, load_run_config
+from .config import RunConfig
 from .metrics import flops_per_token, hardware_flops_per_token, matmul_tflops, mfu
-from .train import QUICKSTART
-from .trainer import Trainer
+from .train import QUICKSTART, load_checked
+from .trainer import Trainer, with_seq_len
 
 COLUMNS = ("setup", "layout", "dev", "seq", "tok/step", "s/step", "tok/s", "TFLOP/s", "MFU", "MFU/ceil",
            "HW TFLOP/s", "peak GiB", "a2a", "coll", "p2p")
@@ -57,11 +57,6 @@ def describe_setup(cfg: RunConfig) -> str:
     savers += [f"{k}={getattr(cfg.memory, k)}" for k in ("mlp_tiles", "loss_tiles") if getattr(cfg.memory, k) > 1]
     size = f"{m.num_params() / 1e9:.2f}B" if m.num_params() >= 1e8 else f"{m.num_params() / 1e6:.1f}M"
     return " ".join([f"{size}/{m.num_layers}L", m.backend, m.attention_core, precision] + savers)
-
-
-def with_seq_len(cfg: RunConfig, seq_len: int) -> RunConfig:
-    """The run config at another sequence length."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len))
 
 
 def random_rows(cfg: RunConfig, mesh: ParallelMesh, seq_len: int, seed: int):
@@ -249,13 +244,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, ["train.init=device"] + list(args.overrides))
-        world = launch_world_size(cfg.train.nproc)
-        for seq_len in args.seq_lens or [cfg.train.seq_len]:
-            with_seq_len(cfg, seq_len).check(world)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"megalysses-bench: config error: {err}", file=sys.stderr)
+    cfg = load_checked("megalysses-bench", args.config, ["train.init=device", *args.overrides], data=False,
+                       seq_lens=args.seq_lens or ())
+    if cfg is None:
         return 2
     return launch(run_bench, cfg, args, nproc=cfg.train.nproc, device_type=cfg.train.device, command="megalysses.bench")
 

@@ -481,6 +481,9 @@ class _RunSections:
     def __init__(self, path: Path):
         self.path = path
         self.data = dict(_read_yaml(path))
+        if not self.data:
+            raise ConfigError(f"{path}: the run file is empty (all defaults would train nothing meaningful); start "
+                              f"from a bundled run file, e.g. {CONFIG_DIR / 'runs' / 'quickstart.yaml'}")
         self.origins: dict[str, str] = {}
 
     def section(self, name: str, where: str) -> dict:

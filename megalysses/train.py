@@ -15,8 +15,9 @@ from megalysses.parallel.launch import launch, launch_world_size
 from .checkpoint import check_overwrite
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config
 from .data import check_data_against_model
+from .trainer import check_machine
 from .sinks import require_sinks
-from .trainer import train
+from .trainer import train, with_seq_len
 
 QUICKSTART = CONFIG_DIR / "runs" / "quickstart.yaml"
 
@@ -29,15 +30,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_checked(prog: str, config: str, overrides: Sequence[str]) -> Optional[RunConfig]:
-    """The run config, checked before any rank starts (against the world it will run on, the dataset's vocabulary
-    and tokenizer, the checkpoints it would overwrite); None (after one line on stderr) when it is wrong."""
+def load_checked(prog: str, config: str, overrides: Sequence[str], data: bool = True,
+                 seq_lens: Sequence[int] = ()) -> Optional[RunConfig]:
+    """The run config, checked before any rank starts (against the world it will run on, at each of seq_lens too,
+    this machine's devices, and with `data` the dataset's vocabulary and tokenizer and the checkpoints it would
+    overwrite); None (after one line on stderr) when it is wrong."""
     try:
         cfg = load_run_config(config, overrides)
-        cfg.check(launch_world_size(cfg.train.nproc))
+        for seq_len in seq_lens or [cfg.train.seq_len]:
+            with_seq_len(cfg, seq_len).check(launch_world_size(cfg.train.nproc))
         require_sinks(cfg.logging)  # a missing wandb / tensorboard package stops here
-        check_data_against_model(cfg)
-        check_overwrite(cfg)
+        check_machine(cfg)
+        if data:
+            check_data_against_model(cfg)
+            check_overwrite(cfg)
         return cfg
     except (ConfigError, FileNotFoundError) as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)

@@ -11,8 +11,10 @@ schedule over the micro-batches (with pp = 1 under '1f1b': forward and backward 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from megalysses.parallel import collectives as C
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence
 
 from .checkpoint import Checkpointer
-from .config import RunConfig, save_resolved
+from .config import ConfigError, RunConfig, save_resolved
 from .data import StepData
 from .metrics import Throughput
 from .optim import build_data_parallel, lr_at
@@ -181,6 +183,30 @@ class Trainer:
                           f"checkpoint {saved}; rerun the same command to resume", flush=True)
                 break
         return records
+
+
+def with_seq_len(cfg: RunConfig, seq_len: int) -> RunConfig:
+    """The run config at another sequence length."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len))
+
+
+def check_machine(cfg: RunConfig) -> None:
+    """Before any rank starts: what the run needs of this machine (a CUDA device for cuda / TE / FP8 / flash, a
+    run directory that can be one); raises ConfigError naming the key, its value and the fix."""
+    m, t = cfg.model, cfg.train
+    needs_cuda = [(k, v) for k, v, on in (("train.device", t.device, t.device == "cuda"),
+                                          ("train.fp8", t.fp8, t.fp8 != "none"),
+                                          ("model.backend", m.backend, m.backend == "te"),
+                                          ("model.attention_core", m.attention_core,
+                                           m.attention_core in ("flash", "te"))) if on]
+    if needs_cuda and not torch.cuda.is_available():
+        key, value = needs_cuda[0]
+        raise ConfigError(f"{key} = {value!r} needs a CUDA GPU and none is visible; run on a GPU machine, or use "
+                          "train.device=cpu, train.fp8=none, model.backend=torch, model.attention_core=sdpa")
+    run_dir = Path(cfg.logging.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"logging.run_dir = {str(run_dir)!r} is a file, not a folder: choose another "
+                          "logging.run_dir")
 
 
 def check_finite(bad_steps: int, step: int, cfg: RunConfig, rank: int) -> None:

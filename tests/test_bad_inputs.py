@@ -21,6 +21,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.tools.convert import main as convert
 from megalysses.tools.preprocess import main as preprocess
 from megalysses.train import QUICKSTART, load_checked
+from megalysses.bench import main as bench
 from megalysses.train import main as train
 
 MODEL = GPTConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=48)
@@ -302,6 +303,16 @@ TRAIN = [
                                                                                       "'perhaps'"]),
     ("val-fraction-out-of-range", lambda a, t: (train, ["data.val_fraction=1.5"]), 2, ["data.val_fraction = 1.5",
                                                                                       "must be in [0, 1)"]),
+    ("empty-run-file", lambda a, t: (t / "empty.yaml").write_text("") == 0 and
+     (train, ["--config", str(t / "empty.yaml")]), 2, ["empty.yaml: the run file is empty", "quickstart.yaml"]),
+    ("run-dir-is-a-file", lambda a, t: (t / "a-file").write_text("x") and (train, [f"logging.run_dir={t / 'a-file'}"]),
+     2, ["logging.run_dir", "a-file", "is a file, not a folder", "choose another logging.run_dir"]),
+    ("fp8-without-cuda", lambda a, t: (train, ["model.backend=te", "train.fp8=delayed"]), 2,
+     ["train.fp8 = 'delayed' needs a CUDA GPU", "train.fp8=none"]),
+    ("cuda-device-without-cuda", lambda a, t: (train, ["train.device=cuda"]), 2,
+     ["train.device = 'cuda' needs a CUDA GPU and none is visible", "train.device=cpu"]),
+    ("bench-bad-core", lambda a, t: (bench, ["model.attention_core=flsh"]), 2,
+     ["model.attention_core", "'flsh'", "expected one of 'sdpa', 'flash', 'te', 'auto'"]),
     ("never-over-checkpoints", lambda a, t: copy_ckpt(a, t) and
      (precheck, [f"checkpoint.dir={t / 'ckpts'}", "checkpoint.resume=never"]), 2,
      ["checkpoint.resume = 'never'", "holds 1 checkpoint(s)", "newest step-2", "checkpoint.overwrite=true",

@@ -103,3 +103,36 @@ def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     stopped = max(losses(run_dir))
     assert (run_dir / "checkpoints" / f"step-{stopped}").is_dir()  # they saved their step on the way out
     assert not list(tmp_path.glob("megalysses-ranks-*")), "the dead launcher's scratch folder stayed behind"
+
+
+def test_slurm_template_stops_saves_and_requeues_on_sigterm(tmp_path):
+    """scripts/train.sbatch under stand-in srun / scontrol: SIGTERM to the batch shell (what --signal=B:TERM@300
+    sends before the time limit) reaches the run, which saves its step, and the job requeues itself."""
+    bin_dir, run_dir, tag = tmp_path / "bin", tmp_path / "run", uuid.uuid4().hex
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(  # runs the training command on CPU ranks instead of torchrun on GPUs
+        f'#!/usr/bin/env bash\nwhile [ "$1" != "megalysses.train" ]; do shift; done; shift\n'
+        f'exec {sys.executable} -m megalysses.train "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[ "$1" = show ] && echo localhost && exit 0\n'
+                                      f'echo "$@" > {tmp_path / "scontrol.txt"}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1",
+           "SLURM_JOB_ID": "4242", "TMPDIR": str(tmp_path), "MEGALYSSES_TEST_TAG": tag, "PYTHONUNBUFFERED": "1"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.sbatch"
+    proc = subprocess.Popen(["bash", str(script), *ARGS, "train.steps=5000", f"logging.run_dir={run_dir}"], env=env,
+                            start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(proc, run_dir, 2)
+        os.kill(proc.pid, signal.SIGTERM)  # the batch shell only
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stopped = max(losses(run_dir))
+    assert proc.returncode == 0, out
+    assert f"stopped after step {stopped}" in out and "requeueing job 4242" in out, out
+    assert (run_dir / "checkpoints" / f"step-{stopped}").is_dir()
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert not tagged_processes(tag)

@@ -118,8 +118,10 @@ def test_save_resolved_roundtrip(tmp_path):
     assert load_run_config(out) == cfg
 
 
-def test_empty_run_file_gives_defaults(tmp_path):
-    assert load_run_config(write(tmp_path / "run.yaml", "")) == RunConfig()
+def test_empty_run_file_is_refused(tmp_path):
+    """All defaults would train nothing meaningful (4 ranks of an untrained layout): an empty file is a mistake."""
+    with pytest.raises(ConfigError, match=r"run\.yaml: the run file is empty.*quickstart\.yaml"):
+        load_run_config(write(tmp_path / "run.yaml", ""))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -24,7 +24,6 @@ A length that runs out of memory ends the run after the rows before it (rank 0 s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from megalysses.parallel import collectives as C
 from megalysses.parallel import ParallelMesh
 
-from megalysses.parallel.launch import launch, launch_world_size
+from megalysses.parallel.launch import launch
 
 from .config import RunConfig
 from .metrics import flops_per_token, hardware_flops_per_token, matmul_tflops, mfu

@@ -166,15 +166,6 @@ def broadcast(x: torch.Tensor, group: CommGroup, src_group_rank: int = 0) -> tor
     return x
 
 
-def send_recv(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> None:
-    """Batched point-to-point: post every isend/irecv (peers are global ranks) together, then wait for all."""
-    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-
 def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
              clock: Optional[CommClock] = None) -> tuple[list["Pending"], list["Pending"]]:
     """Post isend/irecv (peers are global ranks) as one batch and return at once: (send handles, receive handles).

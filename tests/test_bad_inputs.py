@@ -7,16 +7,14 @@ The before-ranks checks the train CLI is to call (check_data_against_model, chec
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from megalysses.checkpoint import Checkpointer, check_overwrite
+from megalysses.checkpoint import Checkpointer
 from megalysses.checkpoint.files import describe_files, payload_files, write_manifest
-from megalysses.config import CheckpointConfig, ConfigError, LoggingConfig, RunConfig, TrainConfig, load_run_config
-from megalysses.data import check_data_against_model
+from megalysses.config import CheckpointConfig, LoggingConfig, RunConfig, TrainConfig
 from megalysses.models.config import GPTConfig
 from megalysses.tools.convert import main as convert
 from megalysses.tools.preprocess import main as preprocess

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from megalysses.checkpoint import CheckpointError, TensorReader, resume_candidates, save_streaming, verify
 from megalysses.checkpoint.files import (MANIFEST, META, commit, describe_files, first_problem, list_checkpoints,
-                                         payload_files, problem_at, prune, read_latest, remove_stale_temps,
+                                         payload_files, problem_at, prune, remove_stale_temps,
                                          write_json, write_latest, write_manifest)
 from megalysses.checkpoint.hf_files import SafetensorsWriter, plan_shards, write_shards
 
@@ -70,7 +70,7 @@ def test_commit_latest_retention_and_resume_candidates(tmp_path):
         commit(tmp, root / f"step-{step}")
         write_latest(root, root / f"step-{step}")
     (root / ".tmp-step-8").mkdir()  # a save that crashed half-way
-    assert [s for s, _ in list_checkpoints(root)] == [2, 4, 6] and read_latest(root) == root / "step-6"
+    assert [s for s, _ in list_checkpoints(root)] == [2, 4, 6] and (root / "latest").read_text() == "step-6\n"
     candidates, explicit = resume_candidates("auto", root)
     assert [p.name for p in candidates] == ["step-6", "step-4", "step-2"] and not explicit
     assert resume_candidates(str(root / "step-4"), root) == ([root / "step-4"], True)

@@ -14,7 +14,7 @@ from megalysses.checkpoint import Checkpointer, TensorReader, TrainingState
 from megalysses.config import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, TrainConfig
 from megalysses.models.config import GPTConfig
 from megalysses.models.hf import ours_to_hf
-from megalysses.parallel import ParallelLayout, ParallelMesh
+from megalysses.parallel import ParallelLayout
 from megalysses.parallel.launch import run_ranks
 from megalysses.tools.convert import megalysses_to_hf
 from megalysses.data import StepData

@@ -16,7 +16,6 @@ from safetensors import safe_open  # noqa: E402
 
 from megalysses.checkpoint import TensorReader, TrainingState  # noqa: E402
 from megalysses.config import load_run_config  # noqa: E402
-from megalysses.models.gpt import GPT  # noqa: E402
 from megalysses.models.hf import gpt_config_from_hf  # noqa: E402
 from megalysses.models.build import build_model  # noqa: E402
 from megalysses.parallel import ParallelLayout, ParallelMesh  # noqa: E402
@@ -130,10 +129,10 @@ def logits_on_rank(rank: int, world: int, layout: ParallelLayout, folders: dict,
         with torch.no_grad():
             hidden = torch.empty(*local_ids.shape, cfg.hidden_size)
             if not mesh.is_first_stage:
-                C.send_recv([], [(hidden, mesh.prev_stage)])
+                [h.wait() for h in C.post_p2p([], [(hidden, mesh.prev_stage)])[1]]
             x = chunks[0](local_ids, pos, hidden=None if mesh.is_first_stage else hidden)
             if not mesh.is_last_stage:
-                C.send_recv([(x.contiguous(), mesh.next_stage)], [])
+                [h.wait() for h in C.post_p2p([(x.contiguous(), mesh.next_stage)], [])[0]]
                 continue
             logits = gather_full(x, ShardSpec(dim=2, sections=(cfg.vocab_size,)), tp)  # drops the vocab padding
             out[family] = C.all_gather(logits.contiguous(), sp, dim=1).numpy()

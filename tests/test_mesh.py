@@ -36,10 +36,10 @@ def _check_mesh(rank, world, layout):
     assert mesh.prev_stage == (None if mesh.is_first_stage else grid[(mesh.rank("pp") - 1,) + tuple(
         mesh.coords[a] for a in AXES[1:])].item())
     if not mesh.is_last_stage:  # a message reaches the next stage
-        C.send_recv([(torch.tensor([rank]), mesh.next_stage)], [])
+        [h.wait() for h in C.post_p2p([(torch.tensor([rank]), mesh.next_stage)], [])[0]]
     if not mesh.is_first_stage:
         got = torch.tensor([-1])
-        C.send_recv([], [(got, mesh.prev_stage)])
+        [h.wait() for h in C.post_p2p([], [(got, mesh.prev_stage)])[1]]
         assert got.item() == mesh.prev_stage
     return len(checked)
 

@@ -13,7 +13,7 @@ from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.launch import RankFailure, run_ranks
-from megalysses.parallel.pipeline import plan_rank, plan_steps, run_rounds, run_steps, schedule_actions
+from megalysses.parallel.pipeline import plan_rank, plan_steps, rounds_of, run_rounds, schedule_actions
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence
 from megalysses.parallel.tensor import gather_full
 from parity import SEED, make_batch, reference
@@ -81,8 +81,8 @@ class WrongShape(Tagged):
 def _wrong_boundary(rank, world):
     mesh = ParallelMesh(ParallelLayout(pp=2))
     me = mesh.rank("pp")
-    steps = plan_steps(schedule_actions("1f1b", 2, 1, 2, me), me, 2, 1)  # run_steps: the rounds of plain steps
-    run_steps(steps, [WrongShape(me, 1, (2, 3))], mesh, torch.Size((2, 3)), torch.float32, torch.device("cpu"))
+    steps = plan_steps(schedule_actions("1f1b", 2, 1, 2, me), me, 2, 1)  # the rounds of plain steps
+    run_rounds(rounds_of(steps), [WrongShape(me, 1, (2, 3))], mesh, torch.Size((2, 3)), torch.float32, torch.device("cpu"))
 
 
 def test_a_stage_output_off_the_boundary_shape_fails_fast():

@@ -5,7 +5,7 @@ import pytest
 from megalysses.parallel import LayoutError, ParallelLayout
 from megalysses.parallel.pipeline import (SCHEDULES, Action, Message, PipelineHangError, Round, ScheduleError,
                                           ideal_bubble_fraction, micro_batch_count, plan_rank, plan_steps,
-                                          rounds_of, schedule_actions, simulate, simulate_rounds, simulate_steps,
+                                          rounds_of, schedule_actions, simulate, simulate_rounds,
                                           stage_layer_ids)
 
 
@@ -103,11 +103,11 @@ def test_simulation_catches_a_deadlock_and_a_misordered_channel():
     steps = [plan_steps(schedule_actions("1f1b", 2, 1, 2, r), r, 2, 1) for r in range(2)]
     with pytest.raises(PipelineHangError, match=r"deadlock: rank 0 at B1 waits for .*'grad'.* from rank 1; "
                                                 r"rank 1 at F0 waits for .*'act'.* from rank 0"):
-        simulate_steps([steps[0][::-1], steps[1]])  # rank 0 starts with a backward: waits forever
+        simulate_rounds([rounds_of(s) for s in (steps[0][::-1], steps[1])])  # rank 0 starts with a backward: waits forever
     with pytest.raises(PipelineHangError, match=r"expects Message\(kind='act', stage=1, mb=0\) as receive #0 from "
                                                 r"rank 0, but send #0 on that channel is .*mb=1"):
         swapped = [Action("F", 0, 1), Action("F", 0, 0), Action("B", 0, 0), Action("B", 0, 1)]
-        simulate_steps([plan_steps(swapped, 0, 2, 1), steps[1]])
+        simulate_rounds([rounds_of(s) for s in (plan_steps(swapped, 0, 2, 1), steps[1])])
     early = [rounds_of(s) for s in steps]  # rank 1 runs F0 a round before it receives its input
     first, second = early[1][:2]
     early[1][:2] = [Round(step=first.step), Round(second.sends, first.recvs + second.recvs, second.step)]

@@ -41,12 +41,12 @@ damage as well; only the tampering promise is weaker. Loading never runs code fr
 module extra state load with torch.load(weights_only=True), and Transformer Engine's pickled FP8 state is unpickled
 with an allow-list and re-pickled before TE's set_extra_state sees it.
 """
-from .files import (CheckpointError, is_checkpoint, list_checkpoints, read_latest, read_manifest, resolve,
+from .files import (CheckpointError, is_checkpoint, list_checkpoints, read_manifest, resolve,
                     step_dir_name, verify)
 from .state import TrainingState, model_key, optimizer_key
 from .tensors import TensorReader, save_streaming
 from .checkpointer import Checkpointer, check_overwrite, checkpoint_root, resume_candidates
 
 __all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "check_overwrite", "checkpoint_root",
-           "is_checkpoint", "list_checkpoints", "model_key", "optimizer_key", "read_latest", "read_manifest", "resolve",
+           "is_checkpoint", "list_checkpoints", "model_key", "optimizer_key", "read_manifest", "resolve",
            "resume_candidates", "save_streaming", "step_dir_name", "verify"]

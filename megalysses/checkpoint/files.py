@@ -241,14 +241,6 @@ def write_latest(root: Path | str, folder: Path | str) -> None:
     write_text_atomic(Path(root) / LATEST, Path(folder).name + "\n")
 
 
-def read_latest(root: Path | str) -> Optional[Path]:
-    """The folder `latest` names, or None when there is no pointer."""
-    path = Path(root) / LATEST
-    if not path.is_file():
-        return None
-    return Path(root) / path.read_text().strip()
-
-
 def prune(root: Path | str, keep_last: int) -> list[Path]:
     """Delete all but the newest keep_last committed checkpoints (0 keeps all); returns what was deleted."""
     if keep_last <= 0:

@@ -13,7 +13,7 @@ import torch
 
 from .. import collectives as C
 from ..mesh import ParallelMesh
-from .plan import Message, Round, Step, rounds_of
+from .plan import Message, Round, Step
 
 
 class Stage(Protocol):
@@ -55,12 +55,6 @@ class AutogradStage:
         if x is None:
             return None
         return x.grad if x.grad is not None else torch.zeros_like(x)  # output independent of x: zero grad
-
-
-def run_steps(steps: Sequence[Step], stages: Sequence[Stage], mesh: ParallelMesh, boundary: torch.Size,
-              dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
-    """Execute this rank's steps, each send posted with the next receive (plan.rounds_of): see run_rounds."""
-    return run_rounds(rounds_of(list(steps)), stages, mesh, boundary, dtype, device)
 
 
 def run_rounds(rounds: Sequence[Round], stages: Sequence[Stage], mesh: ParallelMesh, boundary: torch.Size,

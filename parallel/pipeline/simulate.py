@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .plan import Message, PipelineHangError, Round, Step, plan_pipeline, rounds_of
+from .plan import Message, PipelineHangError, Round, Step, plan_pipeline
 from .schedules import Action, ideal_bubble_fraction
 
 
@@ -73,12 +73,6 @@ class Timeline:
 def unit_time(action: Action) -> float:
     """Forward and backward of a chunk both take one time unit."""
     return 1.0
-
-
-def simulate_steps(steps: list[list[Step]], duration: Callable[[Action], float] = unit_time,
-                   coalesced: bool = False) -> list[list[Event]]:
-    """Run every rank's steps (steps[rank]) against each other, each send posted with the next receive (rounds_of)."""
-    return simulate_rounds([rounds_of(rank) for rank in steps], duration, coalesced)
 
 
 def simulate_rounds(rounds: list[list[Round]], duration: Callable[[Action], float] = unit_time,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import os
 import re
 import warnings
@@ -140,6 +141,11 @@ class CheckpointConfig:
     """Checkpoints kept on disk (older ones are deleted); 0 keeps all."""
     resume: str = "auto"
     """'auto' (latest checkpoint in dir, if any), 'never', or the path of a checkpoint to resume from."""
+    init_from: Optional[str] = None
+    """Start from these weights: a Hugging Face model folder or a megalysses checkpoint, read as weights only (a
+    fresh optimizer, step 0), into any layout. Used only while the checkpoint dir holds no checkpoint of this run
+    (a rerun resumes the run). A run file without a model takes the source's geometry; one with a model is checked
+    against it."""
     overwrite: bool = False
     """With resume 'never': allow starting afresh in a checkpoint dir that already holds checkpoints (this run's saves
     replace them and keep_last prunes them); false refuses, naming what would be lost."""
@@ -426,8 +432,36 @@ def bundled(kind: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
+def _model_reference(name: str, where: str) -> Optional[tuple[dict, str]]:
+    """A model given as a folder or a run config: a Hugging Face model folder (its config.json), a checkpoint (its
+    config.yaml's model), or a resolved run config.yaml; None when `name` is none of them."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        path = path / "config.yaml"
+    elif path.is_dir() and (path / "config.json").is_file():
+        from megalysses.models.hf import gpt_config_from_hf
+
+        try:
+            return to_dict(gpt_config_from_hf(json.loads((path / "config.json").read_text()))), str(path)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {path / 'config.json'}: {e}") from e
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        data = _read_yaml(path)
+        if isinstance(data.get("model"), dict) and "layout" in data:  # a resolved run config
+            return data["model"], f"{path}: model"
+    if where.endswith("checkpoint.init_from"):
+        raise ConfigError(f"{where} = {name!r}: neither a Hugging Face model folder (config.json) nor a megalysses "
+                          "checkpoint (config.yaml); give one")
+    return None
+
+
 def _load_reference(section: str, name: str, bases: Sequence[Path], where: str) -> tuple[dict, str]:
-    """Read the model/layout file that name refers to; returns its dict and its path."""
+    """Read the model/layout file that name refers to (a model also as an HF folder, a checkpoint, or a run's
+    config.yaml); returns its dict and its path."""
+    if section == "model":
+        found = _model_reference(name, where)
+        if found is not None:
+            return found
     kind_dir = REFERENCE_DIRS[section]
     tried = _reference_candidates(name, kind_dir, bases)
     for candidate in tried:
@@ -481,6 +515,7 @@ class _RunSections:
     def __init__(self, path: Path):
         self.path = path
         self.data = dict(_read_yaml(path))
+        self.model_named = "model" in self.data  # else checkpoint.init_from may supply the geometry
         if not self.data:
             raise ConfigError(f"{path}: the run file is empty (all defaults would train nothing meaningful); start "
                               f"from a bundled run file, e.g. {CONFIG_DIR / 'runs' / 'quickstart.yaml'}")
@@ -511,6 +546,7 @@ class _RunSections:
                 raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])} is {_type_name(hint)}, not a section "
                                   f"with a key {keys[i + 1]!r}")
         top = keys[0]
+        self.model_named |= top == "model" and len(keys) == 1
         if len(keys) == 1 and isinstance(value, str) and top in REFERENCE_DIRS:
             self.data[top], origin = _load_reference(top, value, [Path.cwd(), self.path.parent], source)
             self.origins[top] = f"{origin} (from {source})"
@@ -531,6 +567,12 @@ class _RunSections:
         for name in REFERENCE_DIRS:
             if isinstance(self.data.get(name), str):
                 self.section(name, f"{self.path}: {name}")
+        init_from = (self.data.get("checkpoint") or {}).get("init_from") if isinstance(
+            self.data.get("checkpoint"), dict) else None
+        if init_from and not self.model_named:  # the source's geometry, the run's model.* overrides on top
+            source, where = _model_reference(str(init_from), f"{self.path}: checkpoint.init_from")
+            self.data["model"] = {**source, **(self.data.get("model") or {})}
+            self.origins["model"] = f"{where} (checkpoint.init_from)"
         return _build(RunConfig, self.data, str(self.path), "", self.origins)
 
 

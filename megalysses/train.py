@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from megalysses.parallel.launch import launch, launch_world_size
 
-from .checkpoint import check_overwrite
+from .checkpoint import check_init_from, check_overwrite
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config
 from .data import check_data_against_model
 from .trainer import check_machine
@@ -44,6 +44,7 @@ def load_checked(prog: str, config: str, overrides: Sequence[str], data: bool = 
         if data:
             check_data_against_model(cfg)
             check_overwrite(cfg)
+            check_init_from(cfg)
         return cfg
     except (ConfigError, FileNotFoundError) as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)

@@ -46,7 +46,8 @@ from .files import (CheckpointError, is_checkpoint, list_checkpoints, read_manif
 from .state import TrainingState, model_key, optimizer_key
 from .tensors import TensorReader, save_streaming
 from .checkpointer import Checkpointer, check_overwrite, checkpoint_root, resume_candidates
+from .init_from import HFWeights, check_init_from, source_model
 
-__all__ = ["CheckpointError", "Checkpointer", "TensorReader", "TrainingState", "check_overwrite", "checkpoint_root",
+__all__ = ["CheckpointError", "Checkpointer", "HFWeights", "check_init_from", "source_model", "TensorReader", "TrainingState", "check_overwrite", "checkpoint_root",
            "is_checkpoint", "list_checkpoints", "model_key", "optimizer_key", "read_manifest", "resolve",
            "resume_candidates", "save_streaming", "step_dir_name", "verify"]

@@ -21,6 +21,7 @@ from .files import (CONFIG, FORMAT, META, PARTS, VERSION, CheckpointError, commi
                     is_checkpoint, list_checkpoints, payload_files, problem_at, prune, read_json, remove_stale_temps,
                     step_dir_name, temp_dir_name, write_json, write_latest, write_manifest)
 from .state import MOMENTS, TrainingState, model_key, optimizer_key, optimizer_present
+from .init_from import HFWeights, is_hf_folder
 from .tensors import TensorReader, save_on_every_rank
 from .unpickle import sanitized_te_state
 
@@ -185,7 +186,7 @@ class Checkpointer:
         checkpoint dir, passing over damaged ones with a warning); returns the step to continue from (0: none)."""
         choice = self.cfg.checkpoint.resume
         if choice == "never":
-            return 0
+            return self.initialise()
         candidates, explicit = resume_candidates(choice, self.root)
         for path in candidates:
             problem = self._validate_everywhere(path)
@@ -198,6 +199,23 @@ class Checkpointer:
         if self.skipped:
             raise CheckpointError(f"no valid checkpoint under {self.root} ({len(self.skipped)} damaged: "
                                   f"{'; '.join(self.skipped)}); repair or move them, or set checkpoint.resume=never")
+        return self.initialise()
+
+    def initialise(self) -> int:
+        """Collective: a run with no checkpoint of its own starts at step 0, with checkpoint.init_from's weights when
+        set (an HF folder or a checkpoint, weights only: the optimizer starts fresh); returns 0."""
+        source = self.cfg.checkpoint.init_from
+        if source is None:
+            return 0
+        if is_hf_folder(Path(source)):
+            reader = HFWeights(source, self.cfg.model)
+        else:
+            problem = self._validate_everywhere(Path(source))
+            if problem is not None:
+                raise CheckpointError(f"checkpoint.init_from = {source!r}: {problem}")
+            reader = TensorReader(source)
+        self.state.load(reader, with_optimizer=False)
+        self._say(f"megalysses: weights from {source} (checkpoint.init_from); the optimizer starts fresh at step 0")
         return 0
 
     def _validate_everywhere(self, path: Path) -> Optional[str]:

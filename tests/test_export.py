@@ -119,7 +119,7 @@ def test_export_loads_with_its_tokenizer_and_stops_on_the_source_eos(exported, f
 
 def test_reshard_keeps_what_the_export_needs(exported, tmp_path):
     hf, ours, _ = exported["qwen2"]
-    assert main(["reshard", str(ours), str(tmp_path / "pp2"), "--layout", "pp2", "--quiet"]) == 0
+    assert main(["reshard", str(ours), str(tmp_path / "pp2"), "--layout", "{pp: 2}", "--quiet"]) == 0
     assert main(["megalysses-to-hf", str(tmp_path / "pp2"), str(tmp_path / "back"), "--quiet"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "back" / name).read_bytes() == (hf / name).read_bytes(), name

@@ -8,6 +8,8 @@ Fusions: our `attn.qkv` is [q; k; v] stacked on the output rows, our `mlp.gate_u
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any, Callable, Container, Iterator, Mapping, Optional
 
@@ -114,13 +116,40 @@ def family_for(cfg: GPTConfig) -> Optional[str]:
     return next((f for f in FAMILIES if family_fits(cfg, f)), None)
 
 
+_EXPRESSED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_seq_len",
+                     "tie_embeddings", "qkv_bias", "qk_norm", "init_std", "softmax_scale")
+"""GPTConfig fields an HF config expresses (qkv_bias / qk_norm through the family; softmax_scale only at its
+default); every other field must sit at its default or be a runtime choice."""
+_RUNTIME_FIELDS = ("attention_core", "backend")
+"""GPTConfig fields that pick kernels and layers, not the math: an export leaves them behind."""
+
+
+def _check_expressible(cfg: GPTConfig, family: str) -> None:
+    """Refuse, by name, a setting that changes the model's outputs and that a `family` config cannot hold."""
+    default_scale = cfg.head_dim ** -0.5
+    if cfg.softmax_scale is not None and not math.isclose(cfg.softmax_scale, default_scale, rel_tol=1e-7):
+        raise ValueError(f"model.softmax_scale = {cfg.softmax_scale} cannot be expressed as a {family} model: "
+                         f"Hugging Face scales attention scores by 1/sqrt(head_dim) = {default_scale:.8g} and has no "
+                         "setting for another scale, so the export's logits would differ; export a model trained "
+                         f"with model.softmax_scale null (or {default_scale:.8g})")
+    for field in dataclasses.fields(cfg):
+        if field.name in _EXPRESSED_FIELDS + _RUNTIME_FIELDS or getattr(cfg, field.name) == field.default:
+            continue
+        raise ValueError(f"model.{field.name} = {getattr(cfg, field.name)!r} has no {family} config.json "
+                         "equivalent, so the export would compute something else; export a model trained with "
+                         f"model.{field.name} = {field.default!r}, or teach models.hf.hf_config_from_gpt to write it")
+
+
 def hf_config_from_gpt(cfg: GPTConfig, family: str) -> dict:
-    """An HF config.json dict for `cfg` as a `family` model (`LlamaConfig(**d)`, `AutoConfig.for_model(**d)`).
+    """An HF config.json dict for `cfg` as a `family` model (`LlamaConfig(**d)`, `AutoConfig.for_model(**d)`); a
+    setting that the family cannot express is refused by name (ValueError), never dropped.
 
     RoPE is written in both the transformers-5 form (`rope_parameters`) and the older one (`rope_theta` +
     `rope_scaling`), so either generation of transformers reads it."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is not supported; supported: {sorted(FAMILIES)}")
+    _check_expressible(cfg, family)
     features = {k: getattr(cfg, k) for k in FAMILY_FEATURES[family]}
     if features != FAMILY_FEATURES[family]:
         raise ValueError(f"{', '.join(f'{k}={v}' for k, v in features.items())} cannot be expressed as a {family} "

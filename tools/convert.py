@@ -2,6 +2,7 @@
 
     megalysses-convert hf-to-megalysses llama-dir/ ckpt/ --layout tp2-sp2        # HF folder -> our checkpoint
     megalysses-convert megalysses-to-hf runs/x/checkpoints hf-out/ --max-shard-size 5GB
+    megalysses-convert megalysses-to-hf runs/x/checkpoints hf-out/ --tokenizer data/chat  # the dataset's tokenizer
     megalysses-convert reshard ckpt/ ckpt-pp4/ --layout pp4 --world-size 4
     megalysses-convert inspect runs/x/checkpoints                                 # or an HF folder
 
@@ -10,6 +11,13 @@ layout-independent (full tensors under canonical names; see megalysses.checkpoin
 against the model and recorded; any layout can load the result. Every conversion streams one tensor at a time (peak
 memory near the largest tensor), prints `[i/n] name` to stderr, and writes into a temporary folder next to the
 output that is renamed when complete: an error leaves nothing behind.
+
+What an export needs besides the weights travels with a converted checkpoint: its meta.json `source` records the
+bos / eos / pad token ids and generation_config.json of the HF folder, and `hf_extra/` holds a byte-for-byte copy of
+its tokenizer files (in the manifest, so hash-checked). The export writes config.json with those ids,
+generation_config.json, and the tokenizer files from --tokenizer (a tokenizer folder, or a dataset prefix whose .json
+records the tokenizer it was made with), else from the checkpoint's `hf_extra/`. A setting the target family cannot
+express (e.g. model.softmax_scale) is refused by name, never dropped.
 """
 from __future__ import annotations
 
@@ -29,19 +37,26 @@ import yaml
 from megalysses.checkpoint.files import (CONFIG, FORMAT, META, VERSION, CheckpointError, describe_files,
                                          first_problem, is_checkpoint, payload_files, read_json, resolve, verify,
                                          write_json, write_manifest)
-from megalysses.checkpoint.hf_files import CONFIG_JSON, HFFolder, HFFolderError, write_shards
+from megalysses.checkpoint.hf_files import (CONFIG_JSON, GENERATION_CONFIG, TOKENIZER_FILES, HFFolder, HFFolderError,
+                                            copy_files, largest_token_id, read_optional_json, special_token_ids,
+                                            token_ids, tokenizer_files, write_shards)
 from megalysses.checkpoint.state import model_key
 from megalysses.checkpoint.tensors import TensorReader, save_streaming
 from megalysses.config import ConfigError, RunConfig, from_dict, load_layout, load_run_config, save_resolved
+from megalysses.data.corpus import resolve_prefix
+from megalysses.data.indexed import dataset_paths
+from megalysses.data.tokenizer import file_sha256
 from megalysses.models.config import GPTConfig
-from megalysses.models.hf import (FAMILIES, family_for, gpt_config_from_hf, hf_config_from_gpt, hf_names, hf_to_ours,
-                                  ours_to_hf)
+from megalysses.models.hf import (FAMILIES, family_fits, family_for, gpt_config_from_hf, hf_config_from_gpt, hf_names,
+                                  hf_to_ours, ours_to_hf)
 from megalysses.parallel.layout import LayoutError, ParallelLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old HF checkpoints carry; recomputed from the config
+HF_EXTRA = "hf_extra"
+"""The folder of a converted checkpoint holding its source's tokenizer files, as they were."""
 
 
 class ConvertError(ValueError):
@@ -141,11 +156,14 @@ def hf_to_megalysses(hf_dir: str, out: str, layout_name: str = "single", world_s
         progress(key)
         return next(hf_to_ours(folder.get, model, only={name}))[1].float()  # masters are fp32
 
+    extras = tokenizer_files(folder.folder)
     source = {"format": "hf", "family": folder.config["model_type"], "path": str(Path(hf_dir).resolve()),
-              "dtype": _source_dtype(folder)}
+              "dtype": _source_dtype(folder), "token_ids": token_ids(folder.config, folder.generation_config),
+              "generation_config": folder.generation_config, "tokenizer_files": extras}
 
     def write(tmp: Path) -> None:
         save_streaming(tmp, [(model_key(n), s, torch.float32) for n, s in shapes.items()], get)
+        copy_files(folder.folder, extras, tmp / HF_EXTRA)
         finish_checkpoint(tmp, RunConfig(model=model, layout=layout), _meta(0, layout, source))
 
     return into_new_folder(out, write)
@@ -195,8 +213,9 @@ def _meta(step: int, layout: ParallelLayout, source: Optional[dict], **extra) ->
 # ----------------------------------------------------------------------------------------------- megalysses-to-hf
 
 def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: Optional[str] = None,
-                     max_shard_size: str = "5GB", quiet: bool = False) -> Path:
-    """Our checkpoint (any layout) -> an HF folder: config.json, sharded safetensors, model.safetensors.index.json."""
+                     max_shard_size: str = "5GB", quiet: bool = False, tokenizer: Optional[str] = None) -> Path:
+    """Our checkpoint (any layout) -> an HF folder: config.json, generation_config.json, the tokenizer files, sharded
+    safetensors, model.safetensors.index.json."""
     path, run, meta = _open_checkpoint(ckpt)
     model, source = run.model, meta.get("source") or {}
     family = family or source.get("family") or family_for(model)
@@ -204,8 +223,10 @@ def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: O
     try:
         config = hf_config_from_gpt(model, family)
     except ValueError as e:
-        raise ConvertError(f"{path / CONFIG}: {e}; pass --family with a family that fits") from e
-    config.update(torch_dtype=dtype, dtype=dtype)
+        misfit = family in FAMILIES and not family_fits(model, family)
+        raise ConvertError(f"{path / CONFIG}: {e}{'; pass --family with a family that fits' if misfit else ''}") from e
+    extras = export_extras(path, source, model, tokenizer)
+    config.update(torch_dtype=dtype, dtype=dtype, **extras.ids)
     reader = TensorReader(path)
     not_float = sorted(k for k in reader.entries if k.startswith("model.") and not reader.dtype(k).is_floating_point)
     if not_float:
@@ -223,8 +244,90 @@ def megalysses_to_hf(ckpt: str, out: str, family: Optional[str] = None, dtype: O
     def write(tmp: Path) -> None:
         write_shards(tmp, planned, tensors, parse_size(max_shard_size), progress)
         (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if extras.generation is not None:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(extras.generation, indent=2, sort_keys=True) + "\n")
+        copy_files(extras.folder, extras.files, tmp)
 
-    return into_new_folder(out, write)
+    done = into_new_folder(out, write)
+    if not extras.files:
+        print(f"megalysses-convert: warning: {done}: no tokenizer files written ({path} holds none and no --tokenizer "
+              f"was given; config.json has the token ids {extras.ids or 'of the family defaults'}); copy them in "
+              "or export again with --tokenizer <tokenizer folder or dataset prefix>", file=sys.stderr, flush=True)
+    return done
+
+
+@dataclasses.dataclass
+class ExportExtras:
+    """What an export writes besides the weights and the model geometry."""
+
+    ids: dict
+    """bos / eos / pad token ids for config.json (absent keys: the family's defaults)."""
+    generation: Optional[dict]
+    """generation_config.json's contents (None: not written)."""
+    folder: Optional[Path]
+    """Where the tokenizer files are copied from."""
+    files: list[str]
+    """The tokenizer files, relative to folder ([]: none written)."""
+
+
+def export_extras(path: Path, source: dict, model: GPTConfig, tokenizer: Optional[str]) -> ExportExtras:
+    """Tokenizer files from --tokenizer, else from the checkpoint's hf_extra/; ids and generation config as the
+    checkpoint's source recorded them, else as the --tokenizer folder states them."""
+    ids, generation = source.get("token_ids"), source.get("generation_config")
+    folder, files = (path / HF_EXTRA, tokenizer_files(path / HF_EXTRA)) if tokenizer is None else (None, [])
+    if tokenizer is not None:
+        folder = tokenizer_folder(tokenizer)
+        files = _checked_tokenizer(folder, tokenizer, model)
+        own_generation = read_optional_json(folder / GENERATION_CONFIG)
+        if ids is None:
+            ids = token_ids(read_optional_json(folder / CONFIG_JSON) or {}, own_generation) or special_token_ids(folder)
+        generation = own_generation if generation is None else generation
+    ids = ids or {}
+    if generation is None and any(v is not None for v in ids.values()):
+        generation = {k: v for k, v in ids.items() if v is not None}
+    return ExportExtras(ids, generation, folder, files)
+
+
+def _checked_tokenizer(folder: Path, spec: str, model: GPTConfig) -> list[str]:
+    """The tokenizer files of a --tokenizer folder, which must hold a tokenizer whose ids fit the model."""
+    files = tokenizer_files(folder)
+    if not files:
+        raise ConvertError(f"--tokenizer {spec}: {folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])} "
+                           "...); pass the folder the tokenizer was saved to (save_pretrained), or the prefix of a "
+                           "dataset made with it")
+    largest = largest_token_id(folder)
+    if largest is not None and largest >= model.vocab_size:
+        raise ConvertError(f"--tokenizer {spec}: {folder / 'tokenizer.json'} has token ids up to {largest}, the "
+                           f"model's vocab_size is {model.vocab_size}: it is not this model's tokenizer; pass the one "
+                           "its training data was made with")
+    return files
+
+
+def tokenizer_folder(spec: str) -> Path:
+    """The folder a --tokenizer names: a folder, a tokenizer file's folder, or the tokenizer a dataset records."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name in TOKENIZER_FILES:
+        return path.parent
+    meta_path = dataset_paths(resolve_prefix(spec))["json"]
+    if not meta_path.is_file():
+        raise ConvertError(f"--tokenizer {spec}: no such folder, tokenizer file or dataset (no {meta_path}); pass "
+                           "a tokenizer folder (save_pretrained) or the prefix of a dataset made with it")
+    meta = read_json(meta_path, "the dataset is incomplete: preprocess it again")
+    recorded = meta.get("tokenizer")
+    if recorded in (None, "byte"):
+        raise ConvertError(f"--tokenizer {spec}: {meta_path} was made with the byte-level tokenizer ({recorded!r}), "
+                           "which has no tokenizer files; pass a tokenizer folder instead")
+    found = next((p for p in (Path(recorded), meta_path.parent / recorded) if p.exists()), None)
+    if found is None:
+        raise ConvertError(f"--tokenizer {spec}: {meta_path} records tokenizer {recorded!r}, which is not there "
+                           "(relative to here or to the dataset); pass that tokenizer's folder instead")
+    file = found / "tokenizer.json" if found.is_dir() else found
+    if meta.get("tokenizer_sha256") and file.is_file() and file_sha256(file) != meta["tokenizer_sha256"]:
+        raise ConvertError(f"--tokenizer {spec}: {file} changed since {meta_path} was made with it (SHA-256 differs); "
+                           "pass the tokenizer folder the data was made with")
+    return found if found.is_dir() else found.parent
 
 
 def _open_checkpoint(ckpt: str) -> tuple[Path, RunConfig, dict]:
@@ -258,6 +361,8 @@ def reshard(ckpt: str, out: str, layout_name: str, world_size: Optional[int] = N
         save_streaming(tmp, specs, get)
         if keep_rng:
             shutil.copytree(path / "rng", tmp / "rng")
+        if (path / HF_EXTRA).is_dir():
+            shutil.copytree(path / HF_EXTRA, tmp / HF_EXTRA)
         finish_checkpoint(tmp, dataclasses.replace(run, layout=layout), new_meta)
 
     return into_new_folder(out, write)
@@ -338,6 +443,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    "a q/k/v bias)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the source dtype, else float32")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--tokenizer", help="copy the tokenizer files from this folder, or from the tokenizer a dataset "
+                   "prefix records (default: those the checkpoint holds from its conversion)")
     p = sub.add_parser("reshard", help="our checkpoint -> a copy for another layout")
     p.add_argument("ckpt")
     p.add_argument("out")
@@ -356,7 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "hf-to-megalysses":
             done = hf_to_megalysses(args.hf_dir, args.out, args.layout, args.world_size, args.quiet)
         elif args.command == "megalysses-to-hf":
-            done = megalysses_to_hf(args.ckpt, args.out, args.family, args.dtype, args.max_shard_size, args.quiet)
+            done = megalysses_to_hf(args.ckpt, args.out, args.family, args.dtype, args.max_shard_size, args.quiet,
+                                    args.tokenizer)
         elif args.command == "reshard":
             done = reshard(args.ckpt, args.out, args.layout, args.world_size, args.quiet)
         else:

@@ -1,11 +1,13 @@
 """Hugging Face model folders: config.json + safetensors (one file, or shards listed in model.safetensors.index.json),
 read one tensor at a time; and written as size-limited shards plus an index, one tensor at a time (each shard's header
-is planned from the known shapes, then the tensors' bytes are appended in order)."""
+is planned from the known shapes, then the tensors' bytes are appended in order). Beside the weights: the tokenizer
+files and generation_config.json, which conversion copies as they are, and the bos / eos / pad token ids."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -13,6 +15,17 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 CONFIG_JSON, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+"""The files a saved tokenizer may consist of (what transformers' save_pretrained writes, for any tokenizer class)."""
+TOKENIZER_DIRS = ("additional_chat_templates",)
+"""Folders of a saved tokenizer (transformers keeps named chat templates there, one .jinja file each)."""
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+               "sentencepiece.bpe.model")
+"""A folder holding one of these holds a tokenizer (a tokenizer_config.json alone does not)."""
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
@@ -39,6 +52,7 @@ class HFFolder:
         except ValueError as e:
             raise HFFolderError(f"{self.folder / CONFIG_JSON}: not valid JSON ({e})") from e
         self.files = self._tensor_files()  # tensor name -> file
+        self.generation_config = read_optional_json(self.folder / GENERATION_CONFIG)
 
     def _tensor_files(self) -> dict[str, Path]:
         index = self.folder / INDEX
@@ -103,6 +117,83 @@ def _safe_open(path: Path):
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) types
         raise HFFolderError(f"{path}: not a readable safetensors file ({e}); it is truncated or damaged: "
                             "re-download it") from e
+
+
+# ----------------------------------------------------------------------------------- tokenizer, generation, ids
+
+def read_optional_json(path: Path | str) -> Optional[dict]:
+    """A JSON object file, or None when there is no such file; HFFolderError naming it when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HFFolderError(f"{path}: not valid JSON ({e}); re-download or re-save it") from e
+    if not isinstance(data, dict):
+        raise HFFolderError(f"{path}: holds a JSON {type(data).__name__}, not an object; re-download or re-save it")
+    return data
+
+
+def tokenizer_files(folder: Path | str) -> list[str]:
+    """The tokenizer files in folder (posix paths relative to it, sorted); [] when it holds no tokenizer."""
+    folder = Path(folder)
+    names = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not any(n in VOCAB_FILES for n in names):
+        return []
+    for sub in TOKENIZER_DIRS:
+        if (folder / sub).is_dir():
+            names += [p.relative_to(folder).as_posix() for p in (folder / sub).iterdir() if p.is_file()]
+    return sorted(names)
+
+
+def copy_files(src: Path | str, names: Sequence[str], dst: Path | str) -> None:
+    """Copy the named files (paths relative to src) into dst byte for byte (links followed: a hub cache's blobs)."""
+    for name in names:
+        target = Path(dst) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(src) / name, target)
+
+
+def token_ids(config: dict, generation: Optional[dict] = None) -> dict:
+    """bos / eos / pad ids as config.json states them (null included), else as generation_config.json does; a key
+    neither states is left out (the family's default then applies, as it did for the source). eos may be a list."""
+    ids = {k: config[k] for k in TOKEN_ID_KEYS if k in config}
+    ids.update({k: generation[k] for k in TOKEN_ID_KEYS if k not in ids and k in (generation or {})})
+    return ids
+
+
+def special_token_ids(folder: Path | str) -> dict:
+    """bos / eos / pad ids of a saved tokenizer: the tokens its tokenizer_config.json (or special_tokens_map.json)
+    names, looked up in its tokenizer.json; those it names no token for, or that cannot be looked up, are left out."""
+    folder = Path(folder)
+    named = {**(read_optional_json(folder / "special_tokens_map.json") or {}),
+             **(read_optional_json(folder / "tokenizer_config.json") or {})}
+    vocab = _vocabulary(folder)
+    ids = {}
+    for key in TOKEN_ID_KEYS:
+        token = named.get(key[: -len("_id")])
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and token in vocab:
+            ids[key] = vocab[token]
+    return ids
+
+
+def largest_token_id(folder: Path | str) -> Optional[int]:
+    """The largest id a saved tokenizer's tokenizer.json can produce; None without a tokenizer.json."""
+    vocab = _vocabulary(folder)
+    return max(vocab.values()) if vocab else None
+
+
+def _vocabulary(folder: Path | str) -> dict[str, int]:
+    """token -> id from tokenizer.json: its model's vocabulary and its added tokens ({} without the file)."""
+    data = read_optional_json(Path(folder) / "tokenizer.json") or {}
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, list):  # Unigram: [token, score] pairs, the id is the position
+        vocab = {entry[0]: i for i, entry in enumerate(vocab)}
+    out = dict(vocab) if isinstance(vocab, dict) else {}
+    out.update({t["content"]: t["id"] for t in data.get("added_tokens") or () if "content" in t and "id" in t})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- writing

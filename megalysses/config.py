@@ -582,7 +582,7 @@ def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfi
     A bare name like 'quickstart' is looked up in the bundled configs/runs/ when no such file exists.
     """
     path = Path(path)
-    if not path.is_file() and not path.suffix and (CONFIG_DIR / "runs" / f"{path}.yaml").is_file():
+    if not path.is_file() and path.suffix not in (".yaml", ".yml") and (CONFIG_DIR / "runs" / f"{path}.yaml").is_file():
         path = CONFIG_DIR / "runs" / f"{path}.yaml"
     sections = _RunSections(path)
     for text in overrides:

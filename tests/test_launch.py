@@ -13,7 +13,8 @@ from megalysses.config import CONFIG_DIR, bundled, load_model_config, load_run_c
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ["scripts/train_single_node.sh", "scripts/train_multi_node.sh", "scripts/train.sbatch"]
-RUNS = {"quickstart": 4, "gpu-smoke": 1, "gpu-bench": 1, "gpu-sp4-8b-long": 4, "gpu-tp2-sp4-8b": 8}
+RUNS = {"quickstart": 4, "gpu-smoke": 1, "gpu-bench": 1, "gpu-sp4-8b-long": 4, "gpu-tp2-sp4-8b": 8,
+        "gpu-sft-llama-3.1-8b": 8}
 """Bundled run -> the world size it is written for."""
 
 

@@ -37,7 +37,8 @@ import yaml
 from megalysses.checkpoint.files import (CONFIG, FORMAT, META, VERSION, CheckpointError, describe_files,
                                          first_problem, is_checkpoint, payload_files, read_json, resolve, verify,
                                          write_json, write_manifest)
-from megalysses.checkpoint.hf_files import (CONFIG_JSON, GENERATION_CONFIG, TOKENIZER_FILES, HFFolder, HFFolderError,
+from megalysses.checkpoint.hf_files import (CONFIG_JSON, GENERATION_CONFIG, HF_EXTRA, TOKENIZER_FILES, HFFolder,
+                                            HFFolderError, describe_hf_source,
                                             copy_files, largest_token_id, read_optional_json, special_token_ids,
                                             token_ids, tokenizer_files, write_shards)
 from megalysses.checkpoint.state import model_key
@@ -55,8 +56,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old HF checkpoints carry; recomputed from the config
-HF_EXTRA = "hf_extra"
-"""The folder of a converted checkpoint holding its source's tokenizer files, as they were."""
 
 
 class ConvertError(ValueError):
@@ -156,10 +155,8 @@ def hf_to_megalysses(hf_dir: str, out: str, layout_name: str = "single", world_s
         progress(key)
         return next(hf_to_ours(folder.get, model, only={name}))[1].float()  # masters are fp32
 
-    extras = tokenizer_files(folder.folder)
-    source = {"format": "hf", "family": folder.config["model_type"], "path": str(Path(hf_dir).resolve()),
-              "dtype": _source_dtype(folder), "token_ids": token_ids(folder.config, folder.generation_config),
-              "generation_config": folder.generation_config, "tokenizer_files": extras}
+    source = describe_hf_source(folder)
+    extras = source["tokenizer_files"]
 
     def write(tmp: Path) -> None:
         save_streaming(tmp, [(model_key(n), s, torch.float32) for n, s in shapes.items()], get)
@@ -196,11 +193,6 @@ def _planned_shapes(folder: HFFolder, model: GPTConfig) -> dict[str, tuple[int, 
         raise ConvertError(f"{folder.where(extra[0])}: tensors with no place in this {folder.config['model_type']} "
                            f"model: {extra[:6]}; the weights do not match {CONFIG_JSON}")
     return shapes
-
-
-def _source_dtype(folder: HFFolder) -> str:
-    dtype = folder.config.get("torch_dtype") or folder.config.get("dtype") or "float32"
-    return dtype if dtype in DTYPES else "float32"
 
 
 def _meta(step: int, layout: ParallelLayout, source: Optional[dict], **extra) -> dict:

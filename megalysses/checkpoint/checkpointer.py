@@ -21,6 +21,7 @@ from .files import (CONFIG, FORMAT, META, PARTS, VERSION, CheckpointError, commi
                     is_checkpoint, list_checkpoints, payload_files, problem_at, prune, read_json, remove_stale_temps,
                     step_dir_name, temp_dir_name, write_json, write_latest, write_manifest)
 from .state import MOMENTS, TrainingState, model_key, optimizer_key, optimizer_present
+from .hf_files import HF_EXTRA, copy_files, describe_hf_source, tokenizer_files
 from .init_from import HFWeights, is_hf_folder
 from .tensors import TensorReader, save_on_every_rank
 from .unpickle import sanitized_te_state
@@ -89,6 +90,8 @@ class Checkpointer:
         self.device = mesh.device
         self.skipped: list[str] = []  # checkpoints resume() passed over, and why
         self.extra_restored = False  # whether resume() brought back modules' extra state (TE FP8 scaling history)
+        self.source: Optional[dict] = None  # the HF model the run started from (meta.json's source), if any
+        self.source_files: tuple[Optional[Path], list[str]] = (None, [])  # its tokenizer files: folder, names
 
     # ---------------------------------------------------------------------------------------------------- save
 
@@ -119,6 +122,7 @@ class Checkpointer:
         if self.rank == 0:
             save_resolved(self.cfg, tmp)
             write_json(tmp / META, self._meta(step))
+            copy_files(*self.source_files, tmp / HF_EXTRA)  # what an export needs: the source's tokenizer
         C.barrier(self.everyone)
         names = payload_files(tmp)  # each rank hashes its share of the files
         write_json(tmp / PARTS / f"rank-{self.rank}.json", describe_files(tmp, names[self.rank::self.world]))
@@ -164,7 +168,7 @@ class Checkpointer:
     def _meta(self, step: int) -> dict:
         return {"format": FORMAT, "version": VERSION, "step": step, "world_size": self.world,
                 "layout": dataclasses.asdict(self.mesh.layout), "optimizer": self.state.dp is not None,
-                "rng": True, "data": self._data_state(step), "source": None}
+                "rng": True, "data": self._data_state(step), "source": self.source}
 
     def _data_state(self, step: int) -> dict:
         """The data position: the step (windows are drawn per step), and the packed loader's state at it."""
@@ -209,11 +213,14 @@ class Checkpointer:
             return 0
         if is_hf_folder(Path(source)):
             reader = HFWeights(source, self.cfg.model)
+            self.source = describe_hf_source(reader.folder)
+            self.source_files = (reader.folder.folder, self.source["tokenizer_files"])
         else:
             problem = self._validate_everywhere(Path(source))
             if problem is not None:
                 raise CheckpointError(f"checkpoint.init_from = {source!r}: {problem}")
             reader = TensorReader(source)
+            self._carry_source(Path(source), read_json(Path(source) / META, "the checkpoint is incomplete"))
         self.state.load(reader, with_optimizer=False)
         self._say(f"megalysses: weights from {source} (checkpoint.init_from); the optimizer starts fresh at step 0")
         return 0
@@ -230,6 +237,7 @@ class Checkpointer:
         """Collective-free restore from a validated checkpoint folder; returns its step."""
         path = Path(path)
         meta = read_json(path / META, "the checkpoint is incomplete")
+        self._carry_source(path, meta)
         saved = load_run_config(path / CONFIG)
         self._check_model(saved, path)
         reader = TensorReader(path)
@@ -246,6 +254,11 @@ class Checkpointer:
                   f"sp{layout.get('sp')} pp{layout.get('pp')} dp{layout.get('dp')} zero{layout.get('zero')} on "
                   f"{meta.get('world_size')} ranks{how})")
         return step
+
+    def _carry_source(self, path: Path, meta: dict) -> None:
+        """Keep the HF source a checkpoint records (ids, generation config, tokenizer files) for the next saves."""
+        self.source = meta.get("source")
+        self.source_files = (path / HF_EXTRA, tokenizer_files(path / HF_EXTRA))
 
     def _check_model(self, saved: RunConfig, path: Path) -> None:
         """The checkpoint's parameters (names, full shapes) must be this model's; other option changes warn."""

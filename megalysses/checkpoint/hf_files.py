@@ -16,6 +16,8 @@ import torch
 
 CONFIG_JSON, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
+HF_EXTRA = "hf_extra"
+"""The folder of a checkpoint holding the tokenizer files of the HF model it started from, as they were."""
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
@@ -285,3 +287,13 @@ def _nbytes(entry: Entry) -> int:
     for d in shape:
         n *= d
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def describe_hf_source(folder: "HFFolder") -> dict:
+    """What an export needs back from the HF folder a checkpoint started from (meta.json's `source`): family, path,
+    dtype, bos / eos / pad ids, generation config, and the tokenizer files to copy into hf_extra/."""
+    dtype = folder.config.get("torch_dtype") or folder.config.get("dtype") or "float32"
+    return {"format": "hf", "family": folder.config.get("model_type"), "path": str(folder.folder.resolve()),
+            "dtype": dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+            "token_ids": token_ids(folder.config, folder.generation_config),
+            "generation_config": folder.generation_config, "tokenizer_files": tokenizer_files(folder.folder)}

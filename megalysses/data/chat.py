@@ -203,7 +203,7 @@ class ChatEncoder:
             return True
         if self.too_long == "truncate":
             return False
-        raise ValueError(f"{where}: the conversation has {len(ids)} tokens, more than --max-tokens "
+        raise ValueError(f"{where}: the conversation has {n} tokens, more than --max-tokens "
                          f"{self.max_tokens}: conversations are kept whole; raise --max-tokens, drop the record, or "
                          "pass --too-long truncate to keep its first --max-tokens tokens")
 

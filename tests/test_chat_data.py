@@ -291,3 +291,15 @@ def test_byte_tokenizer_and_too_long_conversations_are_refused_in_one_line(tmp_p
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "chat.jsonl:1 (record 0): the conversation has" in err and "more than --max-tokens 3" in err
     assert "--too-long truncate" in err and sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+def test_a_mask_that_does_not_fit_is_refused_and_overwriting_with_text_removes_it(tmp_path, tok_dir, capsys):
+    src = write_jsonl(tmp_path / "chat.jsonl", [_conv(USER, REPLY)] * 2)
+    assert run([src, "-o", tmp_path / "d", "--tokenizer", tok_dir, "--workers", 1], capsys)[0] == 0
+    mask = mask_path(tmp_path / "d")
+    mask.write_bytes(mask.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"d.mask: \d+ bytes, but .*d.json describes \d+; the files do not belong"):
+        IndexedDataset(tmp_path / "d")
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "Hello there"}])
+    assert run([text, "-o", tmp_path / "d", "--tokenizer", tok_dir, "--overwrite"], capsys)[0] == 0
+    assert not mask.exists() and IndexedDataset(tmp_path / "d").loss_mask is None

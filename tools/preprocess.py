@@ -173,7 +173,10 @@ def detect_records(files: Sequence[Path], records: str, text_key: str, messages_
         return records, "--records"
     if not files or file_format(files[0]) == "text":
         return "text", "auto: text files"
-    where, keys = _first_keys(files[0])
+    try:
+        where, keys = _first_keys(files[0])
+    except EOFError as e:  # a .gz cut short past the part check_text_inputs read
+        raise ValueError(f"{files[0]}: unreadable ({e}); re-create or re-download the file") from e
     kind = record_kind(keys or [], text_key, messages_key)
     if kind is None:  # neither text nor chat: the text reader names the record and the keys it lacks
         return "text", f"auto: {where} holds no record with known keys"

@@ -25,7 +25,7 @@ from array import array
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .tokenizer import HFTokenizer
+from .tokenizer import HFTokenizer, load_tokenizer
 
 KINDS = ("text", "messages", "prompt-completion")
 """Record kinds: plain text (one document per record), chat messages, prompt / completion pairs."""
@@ -116,8 +116,9 @@ def load_chat_tokenizer(spec: str):
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
-        raise ValueError(f"tokenizer = {spec!r}: transformers cannot load {folder} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); pass a folder saved with save_pretrained") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"tokenizer = {spec!r}: transformers cannot load {folder} ({type(e).__name__}: {first}); "
+                         "pass a folder saved with save_pretrained") from e
 
 
 def template_text(tokenizer) -> str:
@@ -133,7 +134,7 @@ class ChatEncoder:
 
     def __init__(self, spec: str, eos_token: Optional[str] = None, max_tokens: Optional[int] = None,
                  too_long: str = "refuse"):
-        self.base = HFTokenizer(Path(spec) / "tokenizer.json" if Path(spec).is_dir() else spec, eos_token)
+        self.base: HFTokenizer = load_tokenizer(spec, eos_token)  # ids, vocabulary, EOS (padding) and checksum
         self.tok = load_chat_tokenizer(spec)
         self.template = template_text(self.tok)
         if not self.template:
@@ -215,7 +216,8 @@ class ChatEncoder:
         for where, messages, tools in items:
             conv_ids, conv_mask = self.encode(messages, tools, where)
             if not self.fits(len(conv_ids), where):
-                conv_ids, conv_mask, truncated = conv_ids[: self.max_tokens], conv_mask[: self.max_tokens], truncated + 1
+                conv_ids, conv_mask = conv_ids[: self.max_tokens], conv_mask[: self.max_tokens]
+                truncated += 1
             ids.extend(conv_ids)
             mask += conv_mask
             lengths.append(len(conv_ids))

@@ -4,6 +4,8 @@
 - Tokenised (`data.source` = a prefix written by `megalysses-preprocess`): `PackedCorpus` -> `PackedDataset`
   (documents packed with EOS, position_ids reset per document, loss mask; or one padded document per row),
   `BlendedDataset` (several datasets by weight), `BatchLoader` (this dp rank's rows, checkpointable state).
+- Chat / instruction data (`chat.py`: records rendered with the tokenizer's chat template, a stored per-token loss
+  mask): the same path; conversations are packed whole and labels are IGNORE_INDEX on untrained tokens.
 
 How the trainer calls it (one loader per rank; the dp rows are taken here, the sp split stays the trainer's):
 

@@ -1,5 +1,6 @@
 """Checks of the data against the model before any rank starts: token ids within the embedding, the tokenizer the
-dataset was made with, a source that exists and holds text. Cheap: metadata, file sizes and the first bytes only."""
+dataset was made with, conversations that fit train.seq_len, a source that exists and holds text. Cheap: metadata,
+file sizes and the first bytes only."""
 from __future__ import annotations
 
 from megalysses.config import ConfigError, RunConfig
@@ -41,6 +42,13 @@ def _check_dataset(cfg: RunConfig, prefix: str) -> None:
         raise ConfigError(f"data.source = {source!r} holds token id {largest} (max_token_id / eos_id in {where}), but "
                           f"model.vocab_size = {vocab} has ids 0..{vocab - 1}; set model.vocab_size={largest + 1} (or "
                           "more), or preprocess the source again")
+    longest, seq_len = meta.get("max_document_tokens", 0), cfg.train.seq_len
+    if "loss_mask" in meta and longest > seq_len:
+        raise ConfigError(f"data.source = {source!r} holds a conversation of {longest} tokens (document "
+                          f"{meta.get('longest_document')}; max_document_tokens in {where}), more than train.seq_len = "
+                          f"{seq_len}: conversations are packed whole, never split across rows; set "
+                          f"train.seq_len={longest} (or more), or preprocess again with --max-tokens {seq_len} "
+                          "(--too-long truncate to cut such conversations)")
     check_tokenizer(cfg.data.tokenizer, _Recorded(prefix, meta))
 
 

@@ -22,6 +22,17 @@ last window is padded. samples_per_epoch = ceil((T - 1) / seq_len).
 Padding ids are the EOS id; padding positions continue the last document's positions (as `pad_sequence_batch`).
 Samples are addressed by a global index (epoch = index // samples_per_epoch), so any sample is reproducible from
 (seed, index) alone; orders come from `torch.randperm` and are stable for a given torch version.
+
+Datasets with a loss mask (chat / instruction data: `IndexedDataset.loss_mask`) are packed whole: a conversation is
+never split across rows and gets no EOS appended (its template wrote its own end-of-turn tokens).
+- 'pack': the conversations, in one seeded order (fixed for the run), fill rows greedily, each row as many whole
+  conversations as fit in seq_len tokens, then padding; each epoch visits the rows in a new seeded order.
+  'pad': one conversation per row. samples_per_epoch = the number of rows.
+- position_ids restart at 0 at each conversation, so attention never crosses conversations.
+- A target is trained when it is in the input's conversation and the mask marks it trained (assistant turns and
+  their end of turn); labels are IGNORE_INDEX everywhere else, so the token-weighted loss needs nothing more.
+- A conversation longer than seq_len is refused, naming its document index (its record index in the
+  preprocessed inputs) and length: raise train.seq_len, or preprocess with --max-tokens / --too-long truncate.
 """
 from __future__ import annotations
 
@@ -91,12 +102,17 @@ class PackedDataset:
         if tokens == 0:
             raise ValueError(f"{data.prefix!r}: the {len(documents)} selected documents are all empty: nothing to "
                              "train on; preprocess non-empty text")
-        self.stream_tokens = tokens + len(documents)  # T: every document and its EOS
-        if mode == "pack":
+        self.whole = data.loss_mask is not None  # chat data: whole conversations, their mask, no EOS appended
+        self.stream_tokens = tokens + (0 if self.whole else len(documents))  # T: every document (and its EOS)
+        if self.whole:
+            self.rows = WholeRows.build(data, documents, seq_len, seed, mode)
+            self.samples_per_epoch = self.rows.count
+        elif mode == "pack":
             self.samples_per_epoch = -(-(self.stream_tokens - 1) // seq_len)
         else:
             self.samples_per_epoch = len(documents)
         self._plans: dict[int, EpochPlan] = {}
+        self._orders: dict[int, torch.Tensor] = {}
 
     def plan(self, epoch: int) -> EpochPlan:
         """The epoch's document order and sample order (the last two epochs are cached)."""
@@ -115,6 +131,8 @@ class PackedDataset:
         if index < 0:
             raise IndexError(f"sample index {index}: must be >= 0")
         epoch, i = divmod(index, self.samples_per_epoch)
+        if self.whole:
+            return self._whole_row(self.rows.documents(self._row_order(epoch)[i]))
         plan = self.plan(epoch)
         k = int(plan.samples[i])
         if self.mode == "pack":
@@ -138,13 +156,88 @@ class PackedDataset:
         labels = torch.where(mask, ids[1:], IGNORE_INDEX)
         return Batch(ids[:-1], labels, position[:-1], mask)
 
+    def _row_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's order of the whole-document rows (the last two epochs are cached)."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self.rows.order(epoch)
+        return self._orders[epoch]
+
+    def _whole_row(self, docs: torch.Tensor) -> Batch:
+        """Whole documents side by side from the row start, then padding: inputs, masked targets, positions."""
+        length = self.data.lengths[docs]                                            # (k,)
+        n, s = int(length.sum()), self.seq_len
+        slot = torch.repeat_interleave(torch.arange(len(docs)), length)             # (n,) document of each token
+        offset = torch.arange(n) - (torch.cumsum(length, 0) - length)[slot]          # (n,) position within it
+        where = self.data.offsets[docs][slot] + offset                               # (n,) absolute .bin position
+        pad = s + 1 - n                                                              # >= 1: documents fit in s
+        ids = torch.cat([self.data.gather(where), torch.full((pad,), self.data.eos_id)])            # (s + 1,)
+        trained = torch.cat([self.data.trained(where), torch.zeros(pad, dtype=torch.bool)])         # (s + 1,)
+        slot = torch.cat([slot, torch.full((pad,), -1)])                                            # (s + 1,)
+        last = int(offset[-1]) if n else -1
+        position = torch.cat([offset, last + 1 + torch.arange(pad)])           # padding continues the last document
+        mask = trained[1:] & (slot[1:] == slot[:-1])                           # (s,) trained target in input's doc
+        labels = torch.where(mask, ids[1:], IGNORE_INDEX)
+        return Batch(ids[:-1], labels, position[:-1], mask)
+
     def describe(self) -> dict[str, Any]:
         """What determines the samples; a checkpoint's loader state must match it to resume."""
-        return {"kind": "packed", "mode": self.mode, "seq_len": self.seq_len, "seed": self.seed,
-                "documents": len(self.documents), "stream_tokens": self.stream_tokens,
-                "samples_per_epoch": self.samples_per_epoch, "eos_id": self.data.eos_id}
+        described = {"kind": "packed", "mode": self.mode, "seq_len": self.seq_len, "seed": self.seed,
+                     "documents": len(self.documents), "stream_tokens": self.stream_tokens,
+                     "samples_per_epoch": self.samples_per_epoch, "eos_id": self.data.eos_id}
+        if self.whole:
+            described.update(packing="whole documents", loss_mask=True)
+        return described
 
     def position(self, consumed: int) -> dict[str, int]:
         """Where `consumed` samples leave the stream: epoch and sample within it."""
         epoch, i = divmod(consumed, self.samples_per_epoch)
         return {"epoch": epoch, "sample_in_epoch": i}
+
+
+@dataclass(frozen=True)
+class WholeRows:
+    """Whole documents grouped into rows once per run: the documents in row order, where each row starts."""
+
+    seed: int
+    ordered: torch.Tensor  # (n,) document ids, row after row
+    starts: torch.Tensor   # (rows + 1,) index into `ordered` where each row starts, then n
+
+    @classmethod
+    def build(cls, data: IndexedDataset, documents: torch.Tensor, seq_len: int, seed: int, mode: str) -> "WholeRows":
+        """'pack': a seeded order filled greedily into rows of seq_len tokens; 'pad': one document per row."""
+        lengths = data.lengths[documents]
+        too_long = (lengths > seq_len).nonzero()
+        if len(too_long):
+            doc, n = int(documents[too_long[0, 0]]), int(lengths[too_long[0, 0]])
+            raise ValueError(f"{data.prefix!r}: document {doc} (record {doc} of the preprocessed inputs) has {n} "
+                             f"tokens, more than seq_len = {seq_len} ({len(too_long)} such): conversations are "
+                             f"packed whole, never split across rows; set train.seq_len >= {n}, or preprocess "
+                             f"again with --max-tokens {seq_len} (--too-long truncate to cut them)")
+        if mode == "pad":
+            return cls(seed, documents, torch.arange(len(documents) + 1))
+        ordered = documents[torch.randperm(len(documents), generator=seeded_generator(seed, -2))]
+        return cls(seed, ordered, torch.tensor(greedy_rows(data.lengths[ordered].tolist(), seq_len)))
+
+    @property
+    def count(self) -> int:
+        return len(self.starts) - 1
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's seeded order of the rows, (rows,)."""
+        return torch.randperm(self.count, generator=seeded_generator(self.seed, epoch, 0))
+
+    def documents(self, row: Any) -> torch.Tensor:
+        """The documents of row `row`, in place order."""
+        return self.ordered[int(self.starts[int(row)]):int(self.starts[int(row) + 1])]
+
+
+def greedy_rows(lengths: Sequence[int], seq_len: int) -> list[int]:
+    """Row starts (then len(lengths)) filling rows of seq_len with consecutive items, each <= seq_len, in order."""
+    starts, used = [0], 0
+    for i, n in enumerate(lengths):
+        if used + n > seq_len and used > 0:
+            starts.append(i)
+            used = 0
+        used += n
+    return starts + [len(lengths)]

@@ -1,7 +1,9 @@
 """Tokenizers for preprocessing: byte-level (no files) or a Hugging Face `tokenizers` tokenizer.json.
 
 Both encode a list of documents into one little-endian token buffer plus the document lengths, the unit that
-`IndexedWriter.add` appends. Documents are encoded without special tokens: packing appends EOS after each one.
+`IndexedWriter.add` appends. Packing appends EOS after each document. A tokenizer.json whose post-processor puts
+tokens before the text (its BOS, as `add_special_tokens=True` would: Llama, Mistral) gets them at the start of every
+document; nothing after the text is added (EOS comes from packing). The byte-level tokenizer adds nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class ByteTokenizer:
     vocab_size = 257
     eos_id = 256
     dtype = "uint16"
+    bos_ids: tuple[int, ...] = ()  # adds no BOS
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -69,6 +72,16 @@ class HFTokenizer:
         self.dtype = token_dtype(self.vocab_size)
         self.eos_token = self._find_eos(vocab, eos_token)
         self.eos_id = vocab[self.eos_token]
+        self.bos_ids = self._bos_ids()
+
+    def _bos_ids(self) -> list[int]:
+        """The ids the post-processor puts before a text when special tokens are added (BOS; [] for none)."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for k in range(len(full) - len(plain) + 1):
+            if full[k:k + len(plain)] == plain:
+                return full[:k]
+        return []
 
     def _find_eos(self, vocab: dict[str, int], eos_token: Optional[str]) -> str:
         if eos_token is not None:
@@ -86,13 +99,15 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_documents(self, texts: Sequence[str]) -> tuple[bytes, list[int]]:
-        """Documents -> (little-endian ids of all documents, concatenated; each document's length)."""
+        """Documents -> (little-endian ids of all documents, each after the BOS ids, concatenated; their lengths)."""
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast: no character offsets
         encodings = encode(list(texts), add_special_tokens=False)
-        ids = array("H" if self.dtype == "uint16" else "I", itertools.chain.from_iterable(e.ids for e in encodings))
+        bos = self.bos_ids
+        ids = array("H" if self.dtype == "uint16" else "I", itertools.chain.from_iterable(
+            itertools.chain(bos, e.ids) for e in encodings))
         if sys.byteorder == "big":
             ids.byteswap()
-        return ids.tobytes(), [len(e.ids) for e in encodings]
+        return ids.tobytes(), [len(bos) + len(e.ids) for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

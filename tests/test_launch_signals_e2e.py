@@ -57,21 +57,26 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, deadline_s: 
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-launcher"])
-def test_signal_saves_the_step_and_the_rerun_matches_an_uninterrupted_run(tmp_path, how):
-    run_dir, tag = tmp_path / "run", uuid.uuid4().hex
-    proc = start(run_dir, 5000, tmp_path, tag)
+def stop_after_step_2(proc: subprocess.Popen, run_dir: Path, send) -> str:
+    """Wait until step 2 is logged, send the stop (send(proc)), and return the run's output once it exits."""
     try:
         wait_for_step(proc, run_dir, 2)
-        if how == "sigint-to-group":
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        else:
-            os.kill(proc.pid, signal.SIGTERM)  # the launcher alone (a scheduler's kill)
-        out = proc.communicate(timeout=180)[0]
+        send(proc)
+        return proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-launcher"])
+def test_signal_saves_the_step_and_the_rerun_matches_an_uninterrupted_run(tmp_path, how):
+    run_dir, tag = tmp_path / "run", uuid.uuid4().hex
+    proc = start(run_dir, 5000, tmp_path, tag)
+    if how == "sigint-to-group":
+        out = stop_after_step_2(proc, run_dir, lambda p: os.killpg(p.pid, signal.SIGINT))  # Ctrl-C in a terminal
+    else:
+        out = stop_after_step_2(proc, run_dir, lambda p: os.kill(p.pid, signal.SIGTERM))  # the launcher alone
     stopped = max(losses(run_dir))
     assert proc.returncode == 0 and "Traceback" not in out, out
     assert f"stopped after step {stopped}" in out and "rerun the same command to resume" in out, out
@@ -122,14 +127,7 @@ def test_slurm_template_stops_saves_and_requeues_on_sigterm(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train.sbatch"
     proc = subprocess.Popen(["bash", str(script), *ARGS, "train.steps=5000", f"logging.run_dir={run_dir}"], env=env,
                             start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_step(proc, run_dir, 2)
-        os.kill(proc.pid, signal.SIGTERM)  # the batch shell only
-        out = proc.communicate(timeout=180)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    out = stop_after_step_2(proc, run_dir, lambda p: os.kill(p.pid, signal.SIGTERM))  # the batch shell only
     stopped = max(losses(run_dir))
     assert proc.returncode == 0, out
     assert f"stopped after step {stopped}" in out and "requeueing job 4242" in out, out

@@ -67,11 +67,10 @@ class DataParallel(abc.ABC):
         """Bytes of optimizer state on this rank (all of it, or the state tensors named in keys)."""
 
 
-class BucketedDataParallel(DataParallel):
-    """ZeRO 0 / 1: a GradSync (bucketed all-reduce, or reduce-scatter) and the DistributedOptimizer over its buffers
-    (fp32 masters of the whole model, or of this rank's chunk of every bucket)."""
+class _SyncWithOptimizer(DataParallel):
+    """What both implementations do alike: a gradient sync (no_sync, finish, clip) and an optimizer stepped at lr."""
 
-    def __init__(self, sync: GradSync, optimizer: DistributedOptimizer):
+    def __init__(self, sync, optimizer):
         self.sync, self.optimizer, self.params = sync, optimizer, sync.params
 
     def no_sync(self) -> ContextManager:
@@ -80,9 +79,6 @@ class BucketedDataParallel(DataParallel):
     def finish(self) -> None:
         self.sync.finish()
 
-    def sum_gradients_over(self, params: Iterable[torch.nn.Parameter], group: CommGroup) -> None:
-        self.sync.all_reduce_main_grads(params, group)
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return self.sync.clip_grad_norm(max_norm)
 
@@ -90,6 +86,17 @@ class BucketedDataParallel(DataParallel):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+
+
+class BucketedDataParallel(_SyncWithOptimizer):
+    """ZeRO 0 / 1: a GradSync (bucketed all-reduce, or reduce-scatter) and the DistributedOptimizer over its buffers
+    (fp32 masters of the whole model, or of this rank's chunk of every bucket)."""
+
+    def __init__(self, sync: GradSync, optimizer: DistributedOptimizer):
+        super().__init__(sync, optimizer)
+
+    def sum_gradients_over(self, params: Iterable[torch.nn.Parameter], group: CommGroup) -> None:
+        self.sync.all_reduce_main_grads(params, group)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -104,31 +111,17 @@ class BucketedDataParallel(DataParallel):
         return self.optimizer.state_bytes(keys)
 
 
-class FullyShardedDataParallel(DataParallel):
+class FullyShardedDataParallel(_SyncWithOptimizer):
     """ZeRO 3: the model under FSDP2 (fully_shard_model) and a torch optimizer on its sharded parameters."""
 
     def __init__(self, sync: FSDPGradSync, optimizer: torch.optim.Optimizer):
-        self.sync, self.optimizer, self.params = sync, optimizer, sync.params
-
-    def no_sync(self) -> ContextManager:
-        return self.sync.no_sync()
-
-    def finish(self) -> None:
-        self.sync.finish()
+        super().__init__(sync, optimizer)
 
     def sum_gradients_over(self, params: Iterable[torch.nn.Parameter], group: CommGroup) -> None:
         params = list(params)
         if params and group.size > 1:
             raise NotImplementedError("summing FSDP-sharded gradients over another group (tied embeddings across "
                                       "pipeline stages) is not supported: use layout.zero=0 or untied embeddings")
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return self.sync.clip_grad_norm(max_norm)
-
-    def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()

@@ -10,28 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import os
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
 from megalysses.models.config import GPTConfig, MemoryConfig
 from megalysses.parallel.layout import LayoutError, ParallelLayout
 
+from .typed_config import (ConfigError, build_dataclass, convert_value, field_hints, from_dict, optional_inner,
+                           to_dict, type_name, unknown_key, wrong_type)
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The bundled configs (``scripts/configs`` links here): ``models/``, ``layouts/``, ``runs/``."""
 REFERENCE_DIRS = {"model": "models", "layout": "layouts"}
 """Run-file sections that may name another YAML file, and the folder such files live in."""
-
-
-class ConfigError(ValueError):
-    """An invalid configuration: the message starts with the file (or override) and the dotted key."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -219,175 +215,6 @@ class RunConfig:
         return layout
 
 
-# ------------------------------------------------------------------------------------ dicts -> dataclasses
-
-_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # YAML 1.1 reads '3e-4' as a string
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls) -> dict[str, Any]:
-    """Type hints of the constructor fields of a dataclass, in declaration order."""
-    hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _join(key: str, name: Any) -> str:
-    return f"{key}.{name}" if key else str(name)
-
-
-def _where(path: str, key: str) -> str:
-    return f"{path}: {key}" if key else path
-
-
-def _unknown_key(path: str, dotted: str, name: Any, valid: Sequence[str]) -> ConfigError:
-    near = difflib.get_close_matches(str(name), list(valid), n=1)
-    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
-    return ConfigError(f"{path}: {dotted}: unknown key {str(name)!r}; {hint}")
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    if tp is bool:
-        return "bool (true or false)"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _wrong_type(tp: Any, value: Any, path: str, key: str) -> ConfigError:
-    shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
-    return ConfigError(f"{_where(path, key)}: expected {_type_name(tp)}, got {shown}")
-
-
-def _optional_inner(tp: Any) -> Any:
-    """X for Optional[X], else tp itself."""
-    if get_origin(tp) is Union:
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _convert(tp: Any, value: Any, path: str, key: str) -> Any:
-    """Check value against the type hint tp (and convert: int -> float, mapping -> dataclass)."""
-    origin = get_origin(tp)
-    if origin is Union:
-        if value is None and type(None) in get_args(tp):
-            return None
-        inner = _optional_inner(tp)
-        if inner is tp:
-            raise TypeError(f"unsupported config type {tp} at {key}")
-        try:
-            return _convert(inner, value, path, key)
-        except ConfigError as e:
-            if isinstance(value, (dict, list)):
-                raise  # an error inside the mapping or list: keep its precise message
-            raise _wrong_type(tp, value, path, key) from e
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, key)
-    if origin is Literal:
-        if any(type(value) is type(a) and value == a for a in get_args(tp)):
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = get_args(tp) or (Any,)
-            return [_convert(item, v, path, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is Any:
-        return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported config type {tp} at {key}")
-    raise _wrong_type(tp, value, path, key)
-
-
-LEGACY_KEYS: dict[type, dict[str, Optional[str]]] = {
-    ParallelLayout: {"sequence_parallel": "tp_sequence_parallel", "micro_batches": None},
-}
-"""Keys that configs (and the config.yaml inside checkpoints) written by earlier versions may hold: old name -> new
-name, or None for a key that nothing read (the micro-batch count is train.global_batch_size / (micro_batch_size * dp))."""
-
-
-def _upgrade_legacy(cls, data: dict, path: str, key: str) -> dict:
-    """Rename (or drop) the keys of LEGACY_KEYS in a section, with a warning naming the new key."""
-    legacy = LEGACY_KEYS.get(cls, {})
-    if not legacy.keys() & data.keys():
-        return data
-    data = dict(data)
-    for old, new in legacy.items():
-        if old not in data:
-            continue
-        value = data.pop(old)
-        if new is None:
-            if value is not None:
-                warnings.warn(f"{_where(path, _join(key, old))}: no longer a key and ignored (it was never read)",
-                              stacklevel=2)
-        elif new in data:
-            raise ConfigError(f"{_where(path, _join(key, old))}: renamed {_join(key, new)!r}, which is also set: "
-                              f"keep only {new!r}")
-        else:
-            warnings.warn(f"{_where(path, _join(key, old))}: renamed {_join(key, new)!r}; read as that", stacklevel=2)
-            data[new] = value
-    return data
-
-
-def _build(cls, data: Any, path: str, key: str, origins: Optional[dict[str, str]] = None):
-    if isinstance(data, cls):
-        return data
-    if data is None:  # an empty section (`train:`) means all defaults
-        data = {}
-    if not isinstance(data, dict):
-        raise _wrong_type(cls, data, path, key)
-    data = _upgrade_legacy(cls, data, path, key)
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        sub = _join(key, name)
-        if name not in hints:
-            raise _unknown_key(path, sub, name, list(hints))
-        kwargs[name] = _convert(hints[name], value, (origins or {}).get(name, path), sub)
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{_where(path, key)}: missing required key(s): {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # LayoutError, ModelConfigError, ConfigError raised by __post_init__
-        raise ConfigError(f"{_where(path, key)}: {e}") from e
-
-
-def from_dict(cls, data: dict, path: str = "<dict>", key: str = ""):
-    """Build dataclass cls (and nested dataclasses) from a plain dict, type-checked against its type hints.
-
-    path names where the dict came from (a file); key is the dotted prefix of data inside it ('' at top level).
-    Raises ConfigError naming path, the dotted key and what is wrong.
-    """
-    return _build(cls, data, path, key)
-
-
-def to_dict(cfg) -> dict:
-    """A config dataclass as nested plain dicts/lists (what from_dict takes back)."""
-    return dataclasses.asdict(cfg)
-
-
 # ----------------------------------------------------------------------------------------------- YAML files
 
 
@@ -529,7 +356,7 @@ class _RunSections:
         elif value is None:
             value = {}
         elif not isinstance(value, dict):
-            raise _wrong_type(_hints(RunConfig)[name], value, self.origins.get(name, str(self.path)), name)
+            raise wrong_type(field_hints(RunConfig)[name], value, self.origins.get(name, str(self.path)), name)
         self.data[name] = value
         return value
 
@@ -538,12 +365,12 @@ class _RunSections:
         source = f"override {text!r}"
         hint, cls = None, RunConfig
         for i, name in enumerate(keys):  # check the keys (and the value's type) before touching anything
-            hints = _hints(cls)
+            hints = field_hints(cls)
             if name not in hints:
-                raise _unknown_key(source, ".".join(keys[:i + 1]), name, list(hints))
-            hint, cls = hints[name], _optional_inner(hints[name])
+                raise unknown_key(source, ".".join(keys[:i + 1]), name, list(hints))
+            hint, cls = hints[name], optional_inner(hints[name])
             if i < len(keys) - 1 and not dataclasses.is_dataclass(cls):
-                raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])} is {_type_name(hint)}, not a section "
+                raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])} is {type_name(hint)}, not a section "
                                   f"with a key {keys[i + 1]!r}")
         top = keys[0]
         self.model_named |= top == "model" and len(keys) == 1
@@ -551,7 +378,7 @@ class _RunSections:
             self.data[top], origin = _load_reference(top, value, [Path.cwd(), self.path.parent], source)
             self.origins[top] = f"{origin} (from {source})"
             return
-        _convert(hint, value, source, ".".join(keys))
+        convert_value(hint, value, source, ".".join(keys))
         if len(keys) == 1:
             self.data[top], self.origins[top] = value, source
             return
@@ -573,7 +400,7 @@ class _RunSections:
             source, where = _model_reference(str(init_from), f"{self.path}: checkpoint.init_from")
             self.data["model"] = {**source, **(self.data.get("model") or {})}
             self.origins["model"] = f"{where} (checkpoint.init_from)"
-        return _build(RunConfig, self.data, str(self.path), "", self.origins)
+        return build_dataclass(RunConfig, self.data, str(self.path), "", self.origins)
 
 
 def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:

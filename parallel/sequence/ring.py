@@ -46,7 +46,8 @@ def ring_unshard(x: torch.Tensor, group: CommGroup, dim: int = SEQ_DIM) -> torch
     """The whole sequence from every rank's zig-zag shard (all-gather, then chunks back in order); no autograd."""
     ranks = group.size
     if x.shape[dim] % 2:
-        raise ValueError(f"ring_unshard: a zig-zag shard holds two equal chunks, got length {x.shape[dim]} along dim {dim}")
+        raise ValueError(f"ring_unshard: a zig-zag shard holds two equal chunks, got length {x.shape[dim]} along "
+                         f"dim {dim}; shard with ring_shard")
     pieces = C.all_gather(x.movedim(dim, 0), group, dim=0).movedim(0, dim).chunk(2 * ranks, dim=dim)
     ordered = [None] * (2 * ranks)  # pieces[2r], pieces[2r + 1] are rank r's chunks r and 2R-1-r
     for r in range(ranks):

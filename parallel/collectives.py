@@ -185,6 +185,22 @@ def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[to
     return handles[:len(sends)], handles[len(sends):]
 
 
+def ring_pass(x: torch.Tensor, group: CommGroup) -> tuple[torch.Tensor, list["Pending"]]:
+    """Ring step, started: send x to the next group rank, receive the previous rank's equally shaped tensor.
+
+    Returns at once with (receive buffer, handles); wait() every handle before reading the buffer or changing x.
+    A group of one gets x back with nothing to wait for.
+    """
+    if _whole(group):
+        return x, []
+    x = x.contiguous()
+    recv = torch.empty_like(x)
+    nxt = group.ranks[(group.rank + 1) % group.size]
+    prev = group.ranks[(group.rank - 1) % group.size]
+    sends, recvs = post_p2p([(x, nxt)], [(recv, prev)], group.clock)
+    return recv, sends + recvs
+
+
 def p2p_batches_coalesce(device: torch.device) -> bool:
     """Whether the default backend completes a batch of isend/irecv as a whole (NCCL) rather than op by op (gloo)."""
     return bool(dist.group.WORLD._get_backend(device).supports_coalescing)

@@ -1,0 +1,270 @@
+"""Ring attention: k/v blocks travel round the sequence-parallel ranks, partial results merge by log-sum-exp.
+
+Layout (causal load balancing, the "zig-zag" split): the sequence is cut into 2R chunks and rank r holds chunks r and
+2R-1-r, so at every ring step each rank has the same amount of causal work. Tensors are (b, s/R, h, d).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import collectives as C
+from ..collectives import CommGroup
+
+SEQ_DIM, HEAD_DIM = 1, 2  # activations are (b, s, h, d)
+
+
+# ------------------------------------------------------------------------------------------- the zig-zag layout
+
+
+def ring_chunks(rank: int, ranks: int) -> tuple[int, int]:
+    """The two chunks (of 2R) a ring rank holds: r and its mirror 2R-1-r."""
+    return rank, 2 * ranks - 1 - rank
+
+
+def _check_ring_length(length: int, ranks: int) -> None:
+    if length % (2 * ranks):
+        raise ValueError(f"ring sharding: sequence length {length} is not divisible by 2 * ring ranks = {2 * ranks} "
+                         f"(each rank holds two mirrored chunks of 2R); pad it to a multiple of {2 * ranks} first "
+                         f"(pad_sequence_batch(..., multiple={2 * ranks})): padding sits after every real token, so "
+                         "the causal mask hides it from them")
+
+
+def ring_shard(x: torch.Tensor, group: CommGroup, dim: int = SEQ_DIM) -> torch.Tensor:
+    """This rank's zig-zag shard of a whole sequence: chunks r and 2R-1-r (of 2R along dim), concatenated."""
+    ranks = group.size
+    _check_ring_length(x.shape[dim], ranks)
+    chunks = x.chunk(2 * ranks, dim=dim)
+    first, second = ring_chunks(group.rank, ranks)
+    return torch.cat([chunks[first], chunks[second]], dim=dim).contiguous()
+
+
+def ring_unshard(x: torch.Tensor, group: CommGroup, dim: int = SEQ_DIM) -> torch.Tensor:
+    """The whole sequence from every rank's zig-zag shard (all-gather, then chunks back in order); no autograd."""
+    ranks = group.size
+    if x.shape[dim] % 2:
+        raise ValueError(f"ring_unshard: a zig-zag shard holds two equal chunks, got length {x.shape[dim]} along "
+                         f"dim {dim}; shard with ring_shard")
+    pieces = C.all_gather(x.movedim(dim, 0), group, dim=0).movedim(0, dim).chunk(2 * ranks, dim=dim)
+    ordered = [None] * (2 * ranks)  # pieces[2r], pieces[2r + 1] are rank r's chunks r and 2R-1-r
+    for r in range(ranks):
+        first, second = ring_chunks(r, ranks)
+        ordered[first], ordered[second] = pieces[2 * r], pieces[2 * r + 1]
+    return torch.cat(ordered, dim=dim)
+
+
+def ring_token_index(rank: int, ranks: int, chunk: int, device=None) -> torch.Tensor:
+    """Global sequence index (2 * chunk,) of each token a ring rank holds."""
+    first, second = ring_chunks(rank, ranks)
+    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk, device=device),
+                      torch.arange(second * chunk, (second + 1) * chunk, device=device)])
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index (b, s) of each token of whole sequences: a document starts where a position does not continue
+    the previous one (position_ids reset at each packed document)."""
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (b, s - 1)
+    return torch.cat([torch.zeros_like(position_ids[:, :1]), starts.long().cumsum(dim=1)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------- masks and plans
+
+
+@dataclass(frozen=True)
+class RingMasks:
+    """Which (query, key) pairs may attend, for this rank's queries against any rank's k/v block: causal by global
+    position, and within one document when `doc_ids` (b, s) of the whole sequence is given."""
+
+    rank: int
+    ranks: int
+    chunk: int  # tokens per chunk: s / 2R
+    doc_ids: Optional[torch.Tensor] = None  # (b, s), global order
+
+    def mask(self, src: int, device) -> torch.Tensor:
+        """(b or 1, 2c, 2c) bool: this rank's query i may attend key j of rank src's block."""
+        iq = ring_token_index(self.rank, self.ranks, self.chunk, device)
+        ik = ring_token_index(src, self.ranks, self.chunk, device)
+        allowed = (ik.unsqueeze(0) <= iq.unsqueeze(1)).unsqueeze(0)  # (1, 2c, 2c)
+        if self.doc_ids is not None:
+            dq, dk = self.doc_ids[:, iq], self.doc_ids[:, ik]  # (b, 2c)
+            allowed = allowed & (dq.unsqueeze(2) == dk.unsqueeze(1))
+        return allowed
+
+    def plan(self, src: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
+        """Blocks worth computing against rank src's k/v: (query rows, key columns, their mask) per query chunk, keeping
+        only key chunks some pair can attend to; a query chunk no key can reach is skipped."""
+        c, mask, blocks = self.chunk, self.mask(src, device), []
+        halves = (slice(0, c), slice(c, 2 * c))
+        for qs in halves:
+            live = [bool(mask[:, qs, ks].any()) for ks in halves]
+            if not any(live):
+                continue
+            ks = slice(0, 2 * c) if all(live) else halves[live.index(True)]
+            blocks.append((qs, ks, mask[:, qs, ks]))
+        return blocks
+
+
+def ring_masks(group: CommGroup, local_len: int, positions: Optional[torch.Tensor] = None) -> RingMasks:
+    """The masks for this rank's shard of length 2c; positions (b, 2c) is the zig-zag shard of the global
+    position_ids (gathered once here to find documents), or None for one causal document per row."""
+    if local_len % 2:
+        raise ValueError(f"ring attention: a zig-zag shard holds two equal chunks, got local length {local_len}; "
+                         "shard the sequence with ring_shard")
+    doc_ids = None
+    if positions is not None:
+        if positions.dim() != 2 or positions.shape[1] != local_len:
+            raise ValueError(f"ring attention: positions must be this rank's (b, {local_len}) zig-zag shard of the "
+                             f"global position_ids, got shape {tuple(positions.shape)}")
+        docs = document_ids(ring_unshard(positions, group, dim=1))
+        doc_ids = docs if bool((docs != 0).any()) else None  # one document per row: plain causal
+    return RingMasks(group.rank, group.size, local_len // 2, doc_ids)
+
+
+# ------------------------------------------------------------------------------------- reference block core (fp32)
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: (b, s, hk, d) -> (b, s, h, d), query head i using kv head i // (h / hk)."""
+    return x if x.shape[HEAD_DIM] == heads else x.repeat_interleave(heads // x.shape[HEAD_DIM], dim=HEAD_DIM)
+
+
+def _fold_kv(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """GQA gradient: (b, s, h, d) -> (b, s, hk, d), summing each kv head's query group."""
+    b, s, h, d = x.shape
+    return x if h == kv_heads else x.view(b, s, kv_heads, h // kv_heads, d).sum(dim=3)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Masked scaled scores (b, h, sq, sk) in fp32; disallowed pairs are -inf."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), _repeat_kv(k, q.shape[HEAD_DIM]).float()) * scale
+    return s.masked_fill(~mask.unsqueeze(1), float("-inf"))
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (a row that attends to nothing) replaced by 0, so exp(score - lse) gives 0, not nan."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference block core, explicit mask, fp32: -> (out (b, sq, h, d), lse (b, h, sq)); empty rows: 0 and -inf."""
+    s = _scores(q, k, mask, scale)  # (b, h, sq, sk)
+    lse = torch.logsumexp(s, dim=-1)  # (b, h, sq)
+    p = torch.exp(s - _finite(lse).unsqueeze(-1))
+    out = torch.einsum("bhqk,bkhd->bqhd", p, _repeat_kv(v, q.shape[HEAD_DIM]).float())
+    return out, lse
+
+
+def block_attention_grads(q, k, v, do, lse, delta, mask, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flash-attention backward of one block, fp32: dq (b, sq, h, d), dk, dv (b, sk, hk, d), given the final lse
+    (b, h, sq) and delta = rowsum(dO * O) (b, h, sq) of the whole attention."""
+    heads, kv_heads = q.shape[HEAD_DIM], k.shape[HEAD_DIM]
+    kr, vr, do = _repeat_kv(k, heads).float(), _repeat_kv(v, heads).float(), do.float()
+    p = torch.exp(_scores(q, k, mask, scale) - _finite(lse).unsqueeze(-1))  # (b, h, sq, sk)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    ds = p * (torch.einsum("bqhd,bkhd->bhqk", do, vr) - delta.unsqueeze(-1))
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.float()) * scale
+    return dq, _fold_kv(dk, kv_heads), _fold_kv(dv, kv_heads)
+
+
+def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Online softmax merge in place, fp32: out (b, sq, h, d), lse (b, h, sq) absorb one block's partial result."""
+    new = torch.logaddexp(lse, block_lse)
+    keep, take = torch.exp(lse - _finite(new)), torch.exp(block_lse - _finite(new))  # (b, h, sq)
+    out.mul_(keep.transpose(1, 2).unsqueeze(-1)).add_(block_out * take.transpose(1, 2).unsqueeze(-1))
+    lse.copy_(new)
+
+
+# ------------------------------------------------------------------------------------------------ the ring passes
+
+
+def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ring: at step t this rank holds rank (r - t)'s k/v; the next block is in flight while this one runs."""
+    b, sq, h, d = q.shape
+    out = q.new_zeros((b, sq, h, d), dtype=torch.float32)
+    lse = q.new_full((b, h, sq), float("-inf"), dtype=torch.float32)
+    kv = torch.stack([k, v])  # (2, b, sk, hk, d): one message per step
+    for step in range(group.size):
+        src = (group.rank - step) % group.size
+        following, pending = C.ring_pass(kv, group) if step + 1 < group.size else (None, [])
+        for qs, ks, mask in masks.plan(src, q.device):
+            block_out, block_lse = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], mask, scale)
+            merge_block(out[:, qs], lse[:, :, qs], block_out, block_lse)
+        for handle in pending:
+            handle.wait()
+        kv = following
+    return out, lse
+
+
+def _ring_backward(q, k, v, out, lse, do, group: CommGroup, masks: RingMasks, scale: float):
+    """Backward ring: k/v travel as in the forward and dk/dv travel with them, one step behind, arriving home after
+    R passes; each step's gradient pass is in flight while the next block runs."""
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # (b, h, sq)
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    kv = torch.stack([k, v])  # (2, b, sk, hk, d)
+    dkv_in, dkv_pending = None, []
+    for step in range(group.size):
+        src = (group.rank - step) % group.size
+        following, kv_pending = C.ring_pass(kv, group) if step + 1 < group.size else (None, [])
+        acc = torch.zeros_like(kv, dtype=torch.float32)  # this block's dk/dv from our queries
+        for qs, ks, mask in masks.plan(src, q.device):
+            bq, bk, bv = block_attention_grads(q[:, qs], kv[0][:, ks], kv[1][:, ks], do[:, qs], lse[:, :, qs],
+                                               delta[:, :, qs], mask, scale)
+            dq[:, qs] += bq
+            acc[0][:, ks] += bk
+            acc[1][:, ks] += bv
+        for handle in dkv_pending:  # the previous ranks' share of this block's dk/dv
+            handle.wait()
+        if dkv_in is not None:
+            acc += dkv_in
+        dkv_in, dkv_pending = C.ring_pass(acc, group)  # after R passes a block's gradient is back with its owner
+        for handle in kv_pending:
+            handle.wait()
+        kv = following
+    for handle in dkv_pending:
+        handle.wait()
+    return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention whose backward runs the ring again (dk/dv travel with their k/v and return to their owner)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, masks, scale):
+        out, lse = _ring_forward(q, k, v, group, masks, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.masks, ctx.scale = group, masks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, do.contiguous(), ctx.group, ctx.masks, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"ring attention: q (b, s/R, h, d) and k, v (b, s/R, hk, d) must agree; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[HEAD_DIM] % k.shape[HEAD_DIM]:
+        raise ValueError(f"ring attention: {k.shape[HEAD_DIM]} kv heads do not divide {q.shape[HEAD_DIM]} query "
+                         "heads; GQA needs whole query groups per kv head")
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: CommGroup,
+                   positions: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                   masks: Optional[RingMasks] = None) -> torch.Tensor:
+    """Ring attention over zig-zag shards: q (b, s/R, h, d), k, v (b, s/R, hk, d) -> (b, s/R, h, d), equal to causal
+    attention over the whole sequence (within each packed document when positions (b, s/R), this rank's shard of
+    the global position_ids, is given). Pass `masks` (ring_masks, once per batch) to skip the positions gather."""
+    _check_shapes(q, k, v)
+    if masks is None:
+        masks = ring_masks(group, q.shape[SEQ_DIM], positions)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _RingAttention.apply(q, k, v, group, masks, scale)

@@ -41,9 +41,9 @@ def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainCo
                         ) -> DataParallel:
     """The gradient sync + AdamW for mesh.layout.zero; call after init_weights, with the model in float32.
 
-    zero 0: bucketed all-reduce over dp x sp overlapped with backward; fp32 masters of the whole model.
-    zero 1: bucketed reduce-scatter; masters and AdamW state sharded over dp x sp; params all-gathered after step.
-    zero 3: FSDP2 over dp x sp, one unit per `shard_modules` entry (e.g. the blocks); AdamW on the sharded params.
+    zero 0: bucketed all-reduce over dp x ring x sp overlapped with backward; fp32 masters of the whole model.
+    zero 1: bucketed reduce-scatter; masters and AdamW state sharded over dp x ring x sp; params all-gathered after step.
+    zero 3: FSDP2 over dp x ring x sp, one unit per `shard_modules` entry (e.g. the blocks); AdamW on the sharded params.
     train.dtype 'bfloat16' makes the parameters bf16 (masters, main gradients and optimizer state stay fp32).
     """
     param_dtype: Optional[torch.dtype] = torch.bfloat16 if cfg.dtype == "bfloat16" else None

@@ -24,7 +24,7 @@ from megalysses.models.gpt import init_on_device
 from megalysses.models.pipeline import run_pipeline_step, tied_parameters
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel import collectives as C
-from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence
+from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_ring_sequence
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, save_resolved
@@ -34,23 +34,24 @@ from .optim import build_data_parallel, lr_at
 from .signals import StopRequest, stop_agreed, stop_on_signals
 from .sinks import MetricsSinks
 
-MicroBatches = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # [(ids, positions, labels)], (micro, s / sp)
+MicroBatches = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # [(ids, positions, labels)], (micro, s/sp/ring)
 
 
 class Batcher:
-    """Cuts this dp rank's rows into micro-batches: padded to the sequence-shard unit, this SP rank's chunk."""
+    """Cuts this dp rank's rows into micro-batches: padded to the sequence-shard unit, this ring rank's zig-zag shard
+    (global positions travel with the tokens, so RoPE and the document masks stay right), this SP rank's chunk."""
 
     def __init__(self, cfg: RunConfig, mesh: ParallelMesh):
         t = cfg.train
         self.mesh, self.device, self.micro = mesh, mesh.device, t.micro_batch_size
         self.accum = t.global_batch_size // (t.micro_batch_size * mesh.size("dp"))
-        self.unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.tp_sequence_parallel else 1)
+        self.unit = mesh.layout.sequence_unit
 
     def micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> MicroBatches:
-        """(rows, s) -> [(ids, positions, labels)] each (micro, s_padded / sp) on this rank's device."""
+        """(rows, s) -> [(ids, positions, labels)] each (micro, s_padded / (sp * ring)) on this rank's device."""
         ids, labels, pos = pad_sequence_batch(ids, labels, pos, self.unit)
-        sp = self.mesh.group("sp")
-        return [tuple(shard_sequence(t[m * self.micro:(m + 1) * self.micro], sp).to(self.device)
+        ring, sp = self.mesh.group("ring"), self.mesh.group("sp")
+        return [tuple(shard_ring_sequence(t[m * self.micro:(m + 1) * self.micro], ring, sp).to(self.device)
                       for t in (ids, pos, labels)) for m in range(self.accum)]
 
 
@@ -60,7 +61,7 @@ class Precision:
 
     def __init__(self, cfg: RunConfig, mesh: ParallelMesh):
         self.device_type, self.bf16, self.fp8 = mesh.device.type, cfg.train.dtype == "bfloat16", cfg.train.fp8
-        self.amax_group = mesh.group("dp", "sp", "tp").pg
+        self.amax_group = mesh.stage_group().pg
 
     def __enter__(self):
         self.stack = contextlib.ExitStack()
@@ -106,11 +107,11 @@ class Trainer:
         self.batcher = Batcher(cfg, self.mesh)
 
     def step_tokens(self, batches: MicroBatches) -> torch.Tensor:
-        """Tokens with a target in this step's micro-batches, summed over dp x sp: the loss's denominator."""
-        return count_valid_tokens(torch.cat([labels for _, _, labels in batches]), self.mesh.group("dp", "sp"))
+        """Tokens with a target in this step's micro-batches, summed over dp x ring x sp: the loss's denominator."""
+        return count_valid_tokens(torch.cat([labels for _, _, labels in batches]), self.mesh.data_group())
 
     def forward_backward(self, batches: MicroBatches) -> torch.Tensor:
-        """Every micro-batch's forward and backward through the pipeline schedule; gradients summed over dp x sp
+        """Every micro-batch's forward and backward through the pipeline schedule; gradients summed over dp x ring x sp
         (starting during each chunk's last backward) and the tied embedding's copies over their two stages.
         Returns this rank's share of the step's mean loss."""
         loss_sum = run_pipeline_step(list(self.chunks), self.mesh.layout.schedule, batches, self.mesh,
@@ -126,7 +127,7 @@ class Trainer:
         loss or the gradient norm is not finite)."""
         loss_sum = self.forward_backward(batches)
         grad_norm = self.dp.clip_grad_norm(self.cfg.train.grad_clip)
-        loss = C.all_reduce(loss_sum, self.mesh.group("dp", "sp")).item()
+        loss = C.all_reduce(loss_sum, self.mesh.data_group()).item()
         finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
         lr = lr_at(step, self.cfg.train)
         if finite:
@@ -136,13 +137,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: StepData) -> float:
-        """Mean loss over train.eval_steps validation batches (token-weighted over the whole dp x sp batch)."""
+        """Mean loss over train.eval_steps validation batches (token-weighted over the whole dp x ring x sp batch)."""
         losses = []
         for i in range(self.cfg.train.eval_steps):
             batches = self.batcher.micro_batches(*data.rows(i, split="val"))
             loss = run_pipeline_step(list(self.chunks), self.mesh.layout.schedule, batches, self.mesh,
                                      self.step_tokens(batches), self.precision, backward=False)
-            losses.append(C.all_reduce(loss, self.mesh.group("dp", "sp")).item())
+            losses.append(C.all_reduce(loss, self.mesh.data_group()).item())
         return sum(losses) / len(losses)
 
     def calibrate_fp8_scales(self, data: StepData, step: int) -> None:

@@ -1,7 +1,8 @@
 """GPT (Llama family): embedding, N pre-norm blocks (RoPE GQA attention, SwiGLU MLP), final norm, LM head.
 
 Read it as a single-device model: the spec supplies tensor-parallel layers, and the only sequence-parallel step
-is `ulysses_attention` around the attention core, which is the identity when sp = 1. A MemoryConfig picks what is
+is `ulysses_attention` around the attention core, which is the identity when sp = 1 (or, with a ring degree,
+`ring_attention` on this rank's zig-zag shard, k/v blocks passing round the ring). A MemoryConfig picks what is
 recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.layout import ulysses_heads
 from megalysses.parallel.mesh import ParallelMesh
-from megalysses.parallel.sequence import gather_sequence_ids, ulysses_attention
+from megalysses.parallel.sequence import gather_sequence_ids, ring_attention, ring_masks, ulysses_attention
+from megalysses.parallel.sequence.ring import ring_token_index
 from megalysses.parallel.tensor import param_info, shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
 from .cores import Documents, build_attention_core, resolve_auto_core
@@ -31,7 +33,7 @@ class Attention(nn.Module):
         super().__init__()
         tp = mesh.size("tp")
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
-        self.sp_group = mesh.group("sp")
+        self.sp_group, self.ring_group = mesh.group("sp"), mesh.group("ring")
         self.qkv = spec.qkv(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, mesh,
                             eps=cfg.rms_norm_eps)
         if cfg.qk_norm:  # per head, before RoPE (Qwen3)
@@ -59,7 +61,10 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(b, s, self.kv_heads, self.head_dim)
 
     def attend(self, q, k, v, docs):
-        """Ulysses attention: all-to-all, the core on whole sequences, all-to-all back -> (b, s/sp, h/tp, hd)."""
+        """Ulysses attention: all-to-all, the core on whole sequences, all-to-all back -> (b, s/sp, h/tp, hd). On a
+        ring (docs is then the RingMasks of this rank's zig-zag shard): ring attention -> (b, s/ring, h/tp, hd)."""
+        if self.ring_group.size > 1:
+            return ring_attention(q, k, v, self.ring_group, scale=self.scale, masks=docs)
         core = recomputed(self.core, self.offload) if self.recompute_core else self.core
         return ulysses_attention(core, q, k, v, self.sp_group, docs=docs, scale=self.scale)
 
@@ -127,7 +132,7 @@ class GPT(nn.Module):
         self.cfg, self.spec, self.memory = cfg, spec, memory
         self.mesh = mesh or ParallelMesh.single_device()
         self.mesh.layout.check_model(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layers=cfg.num_layers)
-        self.tp_group, self.sp_group = self.mesh.group("tp"), self.mesh.group("sp")
+        self.tp_group, self.sp_group, self.ring_group = (self.mesh.group(a) for a in ("tp", "sp", "ring"))
         self.pre_process, self.post_process = pre_process, post_process
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         if pre_process or (post_process and cfg.tie_embeddings):
@@ -141,7 +146,10 @@ class GPT(nn.Module):
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def default_positions(self, b: int, s_local: int, device) -> torch.Tensor:
-        """Global positions of this SP rank's chunk when the caller gives none: (b, s/sp)."""
+        """Global positions of this SP rank's chunk (this ring rank's zig-zag shard) when the caller gives none."""
+        if self.ring_group.size > 1:
+            index = ring_token_index(self.ring_group.rank, self.ring_group.size, s_local // 2, device)
+            return index.expand(b, s_local)
         start = self.mesh.rank("sp") * s_local
         return torch.arange(start, start + s_local, device=device).expand(b, s_local)
 
@@ -152,7 +160,7 @@ class GPT(nn.Module):
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = self.default_positions(b, s, input_ids.device)
-        docs = Documents.from_positions(gather_sequence_ids(position_ids, self.sp_group))  # whole sequence
+        docs = self.documents(position_ids)
         x = self.embed(input_ids) if self.pre_process else hidden  # (b, s/sp, d) [/tp with sequence_parallel]
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
@@ -171,6 +179,13 @@ class GPT(nn.Module):
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.tp_group)
+
+    def documents(self, position_ids: torch.Tensor):
+        """Where attention may look, built once per forward for every layer: Documents of the whole (sp-gathered)
+        sequence, or on a ring the RingMasks of this rank's zig-zag shard (causal by global index, per document)."""
+        if self.ring_group.size > 1:
+            return ring_masks(self.ring_group, position_ids.shape[1], position_ids)
+        return Documents.from_positions(gather_sequence_ids(position_ids, self.sp_group))  # whole sequence
 
     def run_block(self, block: Block, x, cos, sin, docs):
         """One block; under full recompute only its input is kept (on the host with offload) and the rest re-run."""

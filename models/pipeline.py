@@ -51,11 +51,11 @@ def run_pipeline_step(chunks: Sequence[GPT], schedule: str, micro_batches: Seque
                       total_valid: torch.Tensor, autocast: Optional[ContextManager] = None,
                       backward: bool = True, sync_tied: bool = True, coalesced: Optional[bool] = None,
                       no_sync: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
-    """Forward and backward of every micro-batch through the pipeline under `schedule`; returns this dp x sp
+    """Forward and backward of every micro-batch through the pipeline under `schedule`; returns this dp x ring x sp
     rank's loss share (the same on every stage), with gradients accumulated and tied embeddings synchronised.
 
-    total_valid: the valid-token count of the whole step (every micro-batch, over dp x sp), so the summed shares
-    are the exact global mean. Afterwards sync gradients over dp x sp as without a pipeline. backward=False: the
+    total_valid: the valid-token count of the whole step (every micro-batch, over dp x ring x sp), so the summed shares
+    are the exact global mean. Afterwards sync gradients over dp x ring x sp as without a pipeline. backward=False: the
     evaluation pass, forwards only (call it under torch.no_grad()). sync_tied=False leaves the tied-embedding
     gradient sum to the caller (a gradient buffer that has already taken the gradients over). coalesced: plan
     for a backend whose p2p batches complete only as a whole (NCCL: lockstep rounds, every schedule runs); by

@@ -1,10 +1,10 @@
-"""ParallelLayout: the degrees of the 4D mesh (pp, dp, sp, tp), validated with errors that say how to fix them."""
+"""ParallelLayout: the degrees of the mesh (pp, dp, ring, sp, tp), validated with errors that say how to fix them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Literal, Optional, get_args
 
-AXES = ("pp", "dp", "sp", "tp")  # outermost -> innermost: tp innermost keeps its traffic on the fastest links
+AXES = ("pp", "dp", "ring", "sp", "tp")  # outermost -> innermost: tp innermost keeps its traffic on the fastest links
 Schedule = Literal["1f1b", "gpipe", "interleaved-1f1b"]
 SCHEDULES = get_args(Schedule)  # the one list of schedule names (parallel.pipeline.schedules implements each)
 ZeroLevel = Literal[0, 1, 3]
@@ -38,7 +38,7 @@ def ulysses_heads(sp: int, heads: Optional[int], kv_heads: int, where: str = "",
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Degrees of tensor, sequence (Ulysses), pipeline and data parallelism; world = tp * sp * pp * dp."""
+    """Degrees of tensor, sequence (Ulysses and ring), pipeline and data parallelism; world = tp * sp * ring * pp * dp."""
 
     tp: int = 1
     """Tensor-parallel degree: heads, MLP columns and vocab are split over tp ranks (innermost axis)."""
@@ -47,7 +47,11 @@ class ParallelLayout:
     pp: int = 1
     """Pipeline-parallel degree: the layers are split into pp stages (outermost axis)."""
     dp: Optional[int] = None
-    """Data-parallel degree; None infers it from the world size as world / (tp * sp * pp)."""
+    """Data-parallel degree; None infers it from the world size as world / (tp * sp * ring * pp)."""
+    ring: int = 1
+    """Ring attention degree: the sequence is sharded over ring ranks in the zig-zag layout (rank r holds chunks r and
+    2R-1-r of 2R) and k/v blocks pass around the ring; heads need not divide it. Alone for now (sp = 1, pp = 1, no
+    tp_sequence_parallel)."""
     vpp: int = 1
     """Virtual pipeline stages per rank (interleaved 1F1B); 1 means no interleaving."""
     schedule: Schedule = "1f1b"
@@ -59,10 +63,10 @@ class ParallelLayout:
     """Megatron-style sequence parallelism inside the TP group: norm / residual regions sharded over tp (not Ulysses:
     that is `sp`)."""
     zero: ZeroLevel = 0
-    """Optimizer sharding over dp x sp: 0 none, 1 ZeRO-1 (optimizer state), 3 full sharding (FSDP2)."""
+    """Optimizer sharding over dp x ring x sp: 0 none, 1 ZeRO-1 (optimizer state), 3 full sharding (FSDP2)."""
 
     def __post_init__(self):
-        for name in ("tp", "sp", "pp", "vpp"):
+        for name in ("tp", "sp", "ring", "pp", "vpp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LayoutError(f"layout.{name} = {value!r}: every parallel degree must be an integer >= 1")
@@ -79,6 +83,12 @@ class ParallelLayout:
         if self.tp_sequence_parallel and self.tp == 1:
             raise LayoutError("layout.tp_sequence_parallel = true needs tp > 1 (it shards norm regions over the TP group); "
                               "set layout.tp_sequence_parallel=false or raise tp")
+        if self.ring > 1 and (self.sp > 1 or self.pp > 1 or self.tp_sequence_parallel):
+            raise LayoutError(
+                f"ring with sp/pp/tp sequence parallelism is not supported yet: layout.ring = {self.ring} needs "
+                f"sp = 1, pp = 1 and tp_sequence_parallel = false (got sp = {self.sp}, pp = {self.pp}, "
+                f"tp_sequence_parallel = {str(self.tp_sequence_parallel).lower()}); use ring alone (with tp, dp), "
+                "or sp without ring")
         if self.stage_layers is not None and len(self.stage_layers) != self.pp * self.vpp:
             raise LayoutError(
                 f"layout.stage_layers has {len(self.stage_layers)} entries but pp * vpp = {self.pp} * {self.vpp} = "
@@ -86,36 +96,39 @@ class ParallelLayout:
 
     @property
     def model_parallel_size(self) -> int:
-        """Ranks that hold one replica of the model: tp * sp * pp."""
-        return self.tp * self.sp * self.pp
+        """Ranks that hold one replica of the model: tp * sp * ring * pp."""
+        return self.tp * self.sp * self.ring * self.pp
 
     def resolve(self, world_size: int) -> "ParallelLayout":
-        """Fill in dp from the world size and check tp * sp * pp * dp == world_size."""
+        """Fill in dp from the world size and check tp * sp * ring * pp * dp == world_size."""
         mp = self.model_parallel_size
         if self.dp is None:
             if world_size % mp:
                 fits = [d for d in _divisors(world_size)]
                 raise LayoutError(
-                    f"world size {world_size} is not divisible by tp * sp * pp = {self.tp} * {self.sp} * {self.pp} = {mp}; "
+                    f"world size {world_size} is not divisible by tp * sp * ring * pp = {self.tp} * {self.sp} * "
+                    f"{self.ring} * {self.pp} = {mp}; "
                     f"choose degrees whose product divides {world_size} (its divisors: {fits})")
             return replace(self, dp=world_size // mp)
         if mp * self.dp != world_size:
             hint = (f"set layout.dp={world_size // mp}" if world_size % mp == 0
-                    else f"choose tp * sp * pp dividing {world_size}")
+                    else f"choose tp * sp * ring * pp dividing {world_size}")
             raise LayoutError(
-                f"tp * sp * pp * dp = {self.tp} * {self.sp} * {self.pp} * {self.dp} = {mp * self.dp} ranks, "
+                f"tp * sp * ring * pp * dp = {self.tp} * {self.sp} * {self.ring} * {self.pp} * {self.dp} = "
+                f"{mp * self.dp} ranks, "
                 f"but the world has {world_size}; {hint}, or leave dp unset to infer it")
         return self
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """Mesh shape in axis order (pp, dp, sp, tp); needs dp resolved."""
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """Mesh shape in axis order (pp, dp, ring, sp, tp); needs dp resolved."""
         if self.dp is None:
             raise LayoutError("layout.dp is not resolved yet: call layout.resolve(world_size) first")
-        return (self.pp, self.dp, self.sp, self.tp)
+        return (self.pp, self.dp, self.ring, self.sp, self.tp)
 
     def check_model(self, *, heads: int, kv_heads: int, layers: int, seq_len: Optional[int] = None) -> None:
-        """Check the layout against a model: heads vs tp * sp, kv heads vs tp and sp, layers vs pp, seq vs sp."""
+        """Check the layout against a model: heads vs tp * sp, kv heads vs tp and sp, layers vs pp, seq vs the
+        sequence-shard unit (ring needs no head rule: every ring rank keeps all its heads)."""
         tp, sp = self.tp, self.sp
         if heads % tp:
             ok = [d for d in _divisors(heads) if kv_heads % d == 0]
@@ -128,12 +141,18 @@ class ParallelLayout:
         ulysses_heads(sp, heads // tp, kv_heads // tp, " per TP rank", f" ({heads} heads / tp {tp})")
         self.check_layers(layers)
         if seq_len is not None:
-            unit = sp * (tp if self.tp_sequence_parallel else 1)
+            unit = self.sequence_unit
             if seq_len % unit:
                 raise LayoutError(
                     f"sequence length {seq_len} is not divisible by {unit} (sp {sp}"
-                    f"{f' x tp {tp} with tp_sequence_parallel' if self.tp_sequence_parallel else ''}); "
+                    f"{f' x tp {tp} with tp_sequence_parallel' if self.tp_sequence_parallel else ''}"
+                    f"{f' x 2 * ring {self.ring}: two mirrored chunks per ring rank' if self.ring > 1 else ''}); "
                     f"pad it to {-(-seq_len // unit) * unit} (the data path pads and masks the padding out of the loss)")
+
+    @property
+    def sequence_unit(self) -> int:
+        """What every (padded) sequence length must divide by: sp [x tp with tp_sequence_parallel] [x 2 * ring]."""
+        return (self.sp * (self.tp if self.tp_sequence_parallel else 1) * (2 * self.ring if self.ring > 1 else 1))
 
     def check_layers(self, layers: int) -> list[int]:
         """Layers per (virtual) stage, in stage order; raises when the stages cannot split the layers."""
@@ -152,6 +171,6 @@ class ParallelLayout:
         return [layers // stages] * stages
 
     def describe(self) -> str:
-        """Short name like 'tp2-sp2-dp1'."""
-        parts = [f"{a}{getattr(self, a)}" for a in ("tp", "pp", "sp", "dp") if getattr(self, a) not in (1, None)]
+        """Short name like 'tp2-sp2-dp1' (or 'ring4')."""
+        parts = [f"{a}{getattr(self, a)}" for a in ("tp", "pp", "sp", "ring", "dp") if getattr(self, a) not in (1, None)]
         return "-".join(parts) or "single"

@@ -1,4 +1,4 @@
-"""ParallelMesh: the 4D (pp, dp, sp, tp) device mesh, built once from a layout and passed to whoever needs it."""
+"""ParallelMesh: the (pp, dp, ring, sp, tp) device mesh, built once from a layout and passed to whoever needs it."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +12,7 @@ from .layout import AXES, ParallelLayout
 
 
 def coords_of(rank: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major coordinates of a global rank in a mesh of the given shape (axis order pp, dp, sp, tp)."""
+    """Row-major coordinates of a global rank in a mesh of the given shape (axis order pp, dp, ring, sp, tp)."""
     out = []
     for size in reversed(shape):
         out.append(rank % size)
@@ -49,9 +49,9 @@ def group_members(shape: tuple[int, ...], axes: tuple[str, ...]) -> list[list[in
 class ParallelMesh:
     """Groups, coordinates and pipeline neighbours of this rank; no module state, so several meshes may coexist."""
 
-    # combined groups every mesh builds: gradient/loss reduction over dp x sp; tp x sp for head-sharded state;
-    # dp x sp x tp: every rank of one pipeline stage (FP8 amax reduction)
-    COMBINED = (("dp", "sp"), ("sp", "tp"), ("dp", "sp", "tp"))
+    # combined groups every mesh builds: gradient/loss reduction over dp x ring x sp (data_group); tp x sp for
+    # head-sharded state; dp x ring x sp x tp: every rank of one pipeline stage (stage_group; FP8 amax reduction)
+    COMBINED = (("dp", "ring", "sp"), ("sp", "tp"), ("dp", "ring", "sp", "tp"))
 
     def __init__(self, layout: ParallelLayout, device_type: str = "cpu"):
         if not dist.is_initialized():
@@ -83,7 +83,7 @@ class ParallelMesh:
         return CommGroup(pg, mine, mine.index(self.global_rank), self.clock)
 
     def _new_embedding_group(self) -> CommGroup:
-        """First and last pipeline stage with equal dp/sp/tp coordinates (every rank creates every group, in order)."""
+        """First and last pipeline stage with equal dp/ring/sp/tp coordinates (every rank creates every group, in order)."""
         last = self.size("pp") - 1
         if last == 0:
             return CommGroup(None, (self.global_rank,), 0)
@@ -100,7 +100,7 @@ class ParallelMesh:
         """A mesh of one process: every axis has size 1 and every collective is a no-op (no torch.distributed)."""
         self = cls.__new__(cls)
         self.layout = ParallelLayout().resolve(1)
-        self.shape = (1, 1, 1, 1)
+        self.shape = (1,) * len(AXES)
         self.global_rank = 0
         self.device_type = device_type
         self.device_mesh = None
@@ -111,13 +111,22 @@ class ParallelMesh:
         return self
 
     def group(self, *axes: str) -> CommGroup:
-        """The group of ranks that differ only along `axes` (e.g. group('tp'), group('dp', 'sp'))."""
+        """The group of ranks that differ only along `axes` (e.g. group('tp'), group('sp', 'tp'))."""
         key = tuple(a for a in AXES if a in axes)
         if len(key) != len(axes) or not key:
             raise KeyError(f"unknown mesh axes {axes}: choose from {AXES}")
         if key not in self._groups:
             raise KeyError(f"no combined group over {key}: built ones are {list(self._groups)}")
         return self._groups[key]
+
+    def data_group(self) -> CommGroup:
+        """dp x ring x sp: the ranks that see different tokens of one model replica's batch (pipeline stage and TP
+        rank fixed); gradients, the loss and its valid-token count are summed over it."""
+        return self._groups[("dp", "ring", "sp")]
+
+    def stage_group(self) -> CommGroup:
+        """dp x ring x sp x tp: every rank of this pipeline stage."""
+        return self._groups[("dp", "ring", "sp", "tp")]
 
     def rank(self, axis: str) -> int:
         """This process's coordinate along an axis."""
@@ -143,7 +152,7 @@ class ParallelMesh:
         return self.coords["pp"] == self.size("pp") - 1
 
     def stage_neighbour(self, offset: int) -> Optional[int]:
-        """Global rank of the pipeline stage `offset` away (same dp, sp, tp coordinates), or None past either end."""
+        """Global rank of the pipeline stage `offset` away (same dp, ring, sp, tp coordinates), or None past either end."""
         stage = self.coords["pp"] + offset
         if not 0 <= stage < self.size("pp"):
             return None
@@ -159,7 +168,7 @@ class ParallelMesh:
         return self.stage_neighbour(+1)
 
     def embedding_group(self) -> CommGroup:
-        """The tied-embedding group: this rank and its first/last-stage partner with the same dp/sp/tp coordinates
+        """The tied-embedding group: this rank and its first/last-stage partner with the same dp/ring/sp/tp coordinates
         (size 2 on the first and last stage when pp > 1; this rank alone on middle stages and when pp = 1)."""
         return self._embedding_group
 

@@ -74,11 +74,11 @@ def loss_and_grads(model: GPT, mesh: ParallelMesh, batch, with_logits: bool = Tr
         with torch.no_grad():
             local = model(ids, pos)  # (b, s/sp, V_padded/tp)
             logits = C.all_gather(C.all_gather(local, mesh.group("tp"), dim=2), sp, dim=1)
-    total = count_valid_tokens(labels, mesh.group("dp", "sp"))
+    total = count_valid_tokens(labels, mesh.data_group())
     loss = token_weighted_loss(model(ids, pos, labels).float(), labels, total)
     loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
-    value = C.all_reduce(loss.detach(), mesh.group("dp", "sp")).item()
+    value = C.all_reduce(loss.detach(), mesh.data_group()).item()
     grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")) for n, p in model.canonical_parameters()}
     return value, grads, logits
 

@@ -12,7 +12,7 @@ from megalysses.models.gpt import GPT
 from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.dp import all_reduce_gradients
-from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_sequence,
+from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_ring_sequence,
                                           token_weighted_loss)
 from megalysses.parallel.tensor import gather_full
 
@@ -63,16 +63,15 @@ def sharded(cfg: GPTConfig, layout: ParallelLayout, batch: Batch) -> tuple[float
     mesh = ParallelMesh(layout)
     model = GPT(cfg, mesh)
     model.init_weights(SEED)
-    dp, sp = mesh.group("dp"), mesh.group("sp")
-    unit = mesh.size("sp") * (mesh.size("tp") if layout.tp_sequence_parallel else 1)
-    ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
+    dp, ring, sp = mesh.group("dp"), mesh.group("ring"), mesh.group("sp")
+    ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, layout.sequence_unit)
     rows = lambda t: t.chunk(dp.size, dim=0)[dp.rank]  # noqa: E731 - this dp rank's rows
-    ids, labels, pos = (shard_sequence(rows(t), sp) for t in (ids, labels, pos))
-    total = count_valid_tokens(labels, mesh.group("dp", "sp"))
+    ids, labels, pos = (shard_ring_sequence(rows(t), ring, sp) for t in (ids, labels, pos))
+    total = count_valid_tokens(labels, mesh.data_group())
     loss = token_weighted_loss(model(ids, pos, labels), labels, total)
     loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
-    reported = C.all_reduce(loss.detach().clone(), mesh.group("dp", "sp")).item()
+    reported = C.all_reduce(loss.detach().clone(), mesh.data_group()).item()
     grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")) for n, p in model.canonical_parameters()}
     return reported, grads
 

@@ -82,7 +82,7 @@ def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "f
     norms = []
     for step in range(TRAIN.steps):
         batches = micro_batches(batch_of(step), mesh, layout)
-        total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.group("dp", "sp"))
+        total = count_valid_tokens(torch.cat([b[2] for b in batches]), mesh.data_group())
         for i, (ids, pos, labels) in enumerate(batches):
             with dp.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
                 token_weighted_loss(model(ids, pos, labels).float(), labels, total).backward()

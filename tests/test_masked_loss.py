@@ -58,12 +58,12 @@ def pipeline_on_rank(rank: int, world: int, layout: ParallelLayout, batch):
     ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, mesh.size("sp"))
     ids, pos, labels = (shard_sequence(t, mesh.group("sp")) for t in (ids, pos, labels))
     micro = list(zip(*(t.split(1) for t in (ids, pos, labels))))  # one row per micro-batch
-    total = count_valid_tokens(labels, mesh.group("dp", "sp"))
+    total = count_valid_tokens(labels, mesh.data_group())
     loss = run_pipeline_step(chunks, layout.schedule, micro, mesh, total)
     all_reduce_gradients([p for c in chunks for p in c.parameters()], mesh)
     grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")).numpy()
              for c in chunks for n, p in c.canonical_parameters() if not param_info(p).pipeline_duplicate}
-    return C.all_reduce(loss, mesh.group("dp", "sp")).item(), grads
+    return C.all_reduce(loss, mesh.data_group()).item(), grads
 
 
 def test_masked_loss_matches_one_device_through_the_pipeline():

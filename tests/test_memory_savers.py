@@ -209,13 +209,13 @@ def sharded(cfg, mesh: ParallelMesh, batch, memory: MemoryConfig):
     unit = mesh.size("sp") * (mesh.size("tp") if layout.tp_sequence_parallel else 1)
     ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
     ids, labels, pos = (shard_sequence(t, sp) for t in (ids, labels, pos))
-    total = count_valid_tokens(labels, mesh.group("dp", "sp"))
+    total = count_valid_tokens(labels, mesh.data_group())
     spy = LargestLogits(_local_vocab(model))
     with spy:
         loss = token_weighted_loss(model(ids, pos, labels), labels, total)
         loss.backward()
     all_reduce_gradients(model.parameters(), mesh)
-    reported = C.all_reduce(loss.detach().clone(), mesh.group("dp", "sp")).item()
+    reported = C.all_reduce(loss.detach().clone(), mesh.data_group()).item()
     grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")) for n, p in model.named_parameters()}
     return (reported, grads), spy.rows
 

@@ -71,7 +71,7 @@ def test_two_meshes_coexist():
 
 def test_single_device_mesh_needs_no_process_group():
     mesh = ParallelMesh.single_device()
-    assert mesh.size("tp") == 1 and mesh.group("dp", "sp").size == 1 and mesh.is_first_stage and mesh.is_last_stage
+    assert mesh.size("tp") == 1 and mesh.data_group().size == 1 and mesh.is_first_stage and mesh.is_last_stage
     with pytest.raises(KeyError, match="unknown mesh axes"):
         mesh.group("ep")
 

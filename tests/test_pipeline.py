@@ -110,16 +110,16 @@ def _pipeline_parity(rank, world, cfg, layout, coalesced=None):
         chunk.init_weights(SEED)
     batch = make_batch(cfg, MICRO_BATCHES * MICRO_BATCH_SIZE * mesh.size("dp"), SEQ, packed=True, ignore_tail=3)
     micro = _micro_batches(batch, mesh)
-    total = count_valid_tokens(torch.cat([labels for _, _, labels in micro]), mesh.group("dp", "sp"))
+    total = count_valid_tokens(torch.cat([labels for _, _, labels in micro]), mesh.data_group())
     loss = run_pipeline_step(chunks, layout.schedule, micro, mesh, total, coalesced=coalesced)
     params = [p for chunk in chunks for p in chunk.parameters()]
     all_reduce_gradients(params, mesh)
-    loss = C.all_reduce(loss, mesh.group("dp", "sp")).item()
+    loss = C.all_reduce(loss, mesh.data_group()).item()
     grads = {n: gather_full(p.grad, param_info(p).shard, mesh.group("tp")).numpy()  # numpy: pickled by value, not by fd
              for c in chunks for n, p in c.canonical_parameters()}
     with torch.no_grad():  # the evaluation pass: forwards only, same loss
         evaluated = run_pipeline_step(chunks, layout.schedule, micro, mesh, total, backward=False, coalesced=coalesced)
-    return loss, C.all_reduce(evaluated, mesh.group("dp", "sp")).item(), grads
+    return loss, C.all_reduce(evaluated, mesh.data_group()).item(), grads
 
 
 _REFERENCES = {}
@@ -180,7 +180,7 @@ def test_one_stage_runs_in_process_and_checks_its_inputs():
     chunks = list(build_model(TIED, mesh))
     chunks[0].init_weights(SEED)
     micro = _micro_batches(make_batch(TIED, MICRO_BATCHES * MICRO_BATCH_SIZE, SEQ, packed=True, ignore_tail=3), mesh)
-    total = count_valid_tokens(torch.cat([labels for _, _, labels in micro]), mesh.group("dp", "sp"))
+    total = count_valid_tokens(torch.cat([labels for _, _, labels in micro]), mesh.data_group())
     loss = run_pipeline_step(chunks, "1f1b", micro, mesh, total).item()
     ref_loss, ref_grads = _reference(TIED, 1)
     assert abs(loss - ref_loss) / ref_loss < 1e-6

@@ -405,7 +405,7 @@ def _inspect_hf(path: Path) -> str:
 
 
 def _short(layout: dict) -> str:
-    keys = ("tp", "sp", "pp", "dp", "vpp", "zero", "tp_sequence_parallel")
+    keys = ("tp", "sp", "ring", "pp", "dp", "vpp", "zero", "tp_sequence_parallel")
     return " ".join(f"{k}={layout.get(k)}" for k in keys if k in layout)
 
 

@@ -22,7 +22,7 @@ logical shape (TP shards gathered, vocab padding dropped, fused qkv / gate_up as
     optim.<name>.exp_avg_sq     AdamW second moment, full shape, fp32
     optim.<name>.step           AdamW step count, 0-d fp32
 
-Every tensor is written once: by one rank of the pipeline stage that holds it (sizes balanced over its dp x sp x tp
+Every tensor is written once: by one rank of the pipeline stage that holds it (sizes balanced over its dp x ring x sp x tp
 ranks), never by dp/sp replicas, never for the tied embedding's copy on the last stage. Any layout (tp, sp, pp, dp,
 ZeRO 0/1/3, world size) loads it: each rank reads the full tensors of its own parameters one at a time and cuts its
 shards out. A save goes to `.tmp-step-N`, is hashed (each rank its share of the files) and checked complete, then

@@ -1,6 +1,6 @@
 """Training state <-> layout-independent tensors: every parameter (its fp32 master value) and its AdamW state under
 the parameter's canonical name, in the full (unsharded, unpadded) shape, whatever the tp / sp / pp / dp layout and the
-ZeRO level. Saving gathers over dp x sp (ZeRO-1 / FSDP shards) and tp; loading cuts this rank's pieces back out."""
+ZeRO level. Saving gathers over dp x ring x sp (ZeRO-1 / FSDP shards) and tp; loading cuts this rank's pieces back out."""
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Optional, Sequence
@@ -43,7 +43,7 @@ class TrainingState:
                     self.names[id(p)] = name
                     self.params.append(p)
         self.tp = mesh.group("tp")
-        self.stage = mesh.group("dp", "sp", "tp")  # the ranks that hold the same parameters (one pipeline rank)
+        self.stage = mesh.stage_group()  # the ranks that hold the same parameters (one pipeline rank)
 
     def written_names(self) -> list[str]:
         """Canonical names this pipeline rank saves: all but a second copy of the tied embedding."""
@@ -52,7 +52,7 @@ class TrainingState:
     # ------------------------------------------------------------------------------------------------- saving
 
     def param_states(self) -> Iterator[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]]:
-        """(param, whole TP-local fp32 'master' [+ moments, 'step']) per parameter; collectives over dp x sp."""
+        """(param, whole TP-local fp32 'master' [+ moments, 'step']) per parameter; collectives over dp x ring x sp."""
         if self.dp is not None:
             yield from self.dp.param_states()
         else:
@@ -60,7 +60,7 @@ class TrainingState:
                 yield p, {"master": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()}
 
     def gather_to_writers(self) -> dict[str, torch.Tensor]:
-        """Collective over this pipeline rank's dp x sp x tp ranks: every full tensor, kept only by the one rank
+        """Collective over this pipeline rank's dp x ring x sp x tp ranks: every full tensor, kept only by the one rank
         chosen to write it (sizes balanced over the ranks). Returns this rank's {key: full CPU tensor}."""
         sizes = {self.names[id(p)]: _numel(p) for p in self.params if not param_info(p).pipeline_duplicate}
         writer = assign_writers(sizes, self.stage.size)

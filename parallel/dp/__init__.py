@@ -1,4 +1,4 @@
-"""Data parallelism over dp x sp behind one interface (DataParallel): bucketed overlapped gradient reduction, ZeRO-1
+"""Data parallelism over dp x ring x sp behind one interface (DataParallel): bucketed overlapped gradient reduction, ZeRO-1
 distributed optimizer with fp32 master weights, FSDP2 full sharding; and the global gradient norm."""
 
 from .buffers import Bucket, GradBuffer, Segment

@@ -1,4 +1,4 @@
-"""DataParallel: the one interface of the data-parallel implementations over dp x sp (bucketed all-reduce, ZeRO-1,
+"""DataParallel: the one interface of the data-parallel implementations over dp x ring x sp (bucketed all-reduce, ZeRO-1,
 FSDP2), each a gradient sync and its optimizer together. The trainer, the clipping and the checkpoint call it and
 never ask which implementation runs."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ shaped like the parameter, and the 0-d 'step'."""
 
 
 class DataParallel(abc.ABC):
-    """Gradients summed over dp x sp and one optimizer step, whichever way the state is sharded.
+    """Gradients summed over dp x ring x sp and one optimizer step, whichever way the state is sharded.
 
     One step: backward passes (all but each chunk's last inside no_sync()), finish(), sum_gradients_over() for
     parameters with copies elsewhere, clip_grad_norm(), step(lr), zero_grad()."""
@@ -33,7 +33,7 @@ class DataParallel(abc.ABC):
 
     @abc.abstractmethod
     def finish(self) -> None:
-        """Wait until every gradient is summed over dp x sp (and over tp where ParamInfo says so)."""
+        """Wait until every gradient is summed over dp x ring x sp (and over tp where ParamInfo says so)."""
 
     @abc.abstractmethod
     def sum_gradients_over(self, params: Iterable[torch.nn.Parameter], group: CommGroup) -> None:
@@ -54,7 +54,7 @@ class DataParallel(abc.ABC):
 
     @abc.abstractmethod
     def param_states(self) -> Iterator[tuple[torch.nn.Parameter, ParamState]]:
-        """(param, its whole TP-local state) for every parameter, in order; a collective over dp x sp where the
+        """(param, its whole TP-local state) for every parameter, in order; a collective over dp x ring x sp where the
         state is sharded: iterate it on every rank, in step."""
 
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""ZeRO-3 through FSDP2 (`torch.distributed.fsdp.fully_shard`) over the dp x sp ranks, next to our own TP shards."""
+"""ZeRO-3 through FSDP2 (`torch.distributed.fsdp.fully_shard`) over the dp x ring x sp ranks, next to our own TP shards."""
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +15,10 @@ from .state import MOMENTS, check_state_shapes
 
 
 def data_parallel_mesh(mesh: ParallelMesh):
-    """A 1-D DeviceMesh over this rank's dp x sp group: the ranks holding replicas of the same (TP-local) params."""
+    """A 1-D DeviceMesh over this rank's dp x ring x sp group: the ranks holding replicas of the same (TP-local) params."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    group = mesh.group("dp", "sp")
+    group = mesh.data_group()
     if group.pg is None:
         raise RuntimeError("FSDP needs torch.distributed initialised (a ParallelMesh built from a layout, not "
                            "ParallelMesh.single_device()); use layout.zero = 0 or 1 for a single process")
@@ -27,11 +27,11 @@ def data_parallel_mesh(mesh: ParallelMesh):
 
 def fully_shard_model(model: nn.Module, mesh: ParallelMesh, modules: Sequence[nn.Module],
                       param_dtype: Optional[torch.dtype] = None) -> "FSDPGradSync":
-    """Shard every parameter over dp x sp with FSDP2: each of `modules` (e.g. the transformer blocks) is one
+    """Shard every parameter over dp x ring x sp with FSDP2: each of `modules` (e.g. the transformer blocks) is one
     all-gather / reduce-scatter unit, the rest of `model` (embedding, final norm, head) the root unit.
 
     TP shards are ordinary tensors local to each tp rank, so FSDP shards them further along dim 0. Gradients are
-    summed over dp x sp (divide factor 1: the loss is already the global token-weighted mean). With `param_dtype`
+    summed over dp x ring x sp (divide factor 1: the loss is already the global token-weighted mean). With `param_dtype`
     (e.g. bf16) forward/backward run in that dtype while the sharded fp32 parameters are the master weights and
     gradients are reduced in fp32. Call after init_weights; returns the GradSync-like handle the loop drives.
     """
@@ -101,7 +101,7 @@ class FSDPGradSync:
     def param_states(self, optimizer: torch.optim.Optimizer
                      ) -> Iterator[tuple[nn.Parameter, dict[str, torch.Tensor]]]:
         """(param, {'master': the whole (TP-local) fp32 parameter, 'exp_avg', 'exp_avg_sq', 'step'}) for each of
-        self.params, its dp x sp shards all-gathered: a collective, iterate it on every rank in step. Before the
+        self.params, its dp x ring x sp shards all-gathered: a collective, iterate it on every rank in step. Before the
         first step the moments are 0 and step is 0."""
         for p in self.params:
             state = optimizer.state.get(p, {})
@@ -113,14 +113,14 @@ class FSDPGradSync:
             yield p, out
 
     def state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """{'state': {i: param_states() entry of self.params[i]}}: whole TP-local tensors, loadable under any dp x sp
+        """{'state': {i: param_states() entry of self.params[i]}}: whole TP-local tensors, loadable under any dp x ring x sp
         size or ZeRO level. A collective."""
         return {"state": dict(enumerate(s for _, s in self.param_states(optimizer)))}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
         """Restore parameters and AdamW state from whole per-parameter tensors (the `state_dict()` form; `state` may
-        be any mapping, read once per index): each rank keeps its dp x sp shard. No communication."""
+        be any mapping, read once per index): each rank keeps its dp x ring x sp shard. No communication."""
         states = state_dict["state"]
         step_on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
         check_state_shapes("FSDPGradSync", states, self.params)
@@ -132,7 +132,7 @@ class FSDPGradSync:
 
 
 def shard_like(full: torch.Tensor, param) -> torch.Tensor:
-    """A whole (TP-local) tensor cut into `param`'s dp x sp DTensor shard, as fully_shard cuts it (no communication)."""
+    """A whole (TP-local) tensor cut into `param`'s dp x ring x sp DTensor shard, as fully_shard cuts it (no communication)."""
     from torch.distributed.tensor import distribute_tensor
 
     full = full.to(device=param.device, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""GradSync: bucketed gradient reduction over dp x sp, launched from backward hooks so it overlaps the backward pass."""
+"""GradSync: bucketed gradient reduction over dp x ring x sp, launched from backward hooks so it overlaps the backward pass."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +14,7 @@ from .grads import global_norm, sum_of_squares
 
 
 class GradSync:
-    """Bucketed all-reduce (or reduce-scatter for ZeRO-1) of fp32 main gradients over dp x sp (PyTorch DDP's Reducer,
+    """Bucketed all-reduce (or reduce-scatter for ZeRO-1) of fp32 main gradients over dp x ring x sp (PyTorch DDP's Reducer,
     Megatron's DistributedDataParallel).
 
     A post-accumulate-grad hook adds each parameter's gradient (any dtype) into its fp32 main gradient and frees the
@@ -23,7 +23,7 @@ class GradSync:
     fixed order on every rank, so the collectives match across ranks whatever order the hooks fire in.
 
     The loss is each rank's share of the global token-weighted mean, so gradients are summed, not averaged.
-    With `shard` (ZeRO-1) each bucket is reduce-scattered: rank r of dp x sp holds the sum of chunk r only.
+    With `shard` (ZeRO-1) each bucket is reduce-scattered: rank r of dp x ring x sp holds the sum of chunk r only.
     Parameters whose ParamInfo says grad_sum_over_tp (norm weights under TP sequence parallelism) sit in their own buffer and
     are also summed over tp in finish().
     """
@@ -34,7 +34,7 @@ class GradSync:
         if not params:
             raise ValueError("GradSync got no parameters that require gradients")
         self.mesh, self.shard = mesh, shard
-        self.data_group, self.tp_group = mesh.group("dp", "sp"), mesh.group("tp")
+        self.data_group, self.tp_group = mesh.data_group(), mesh.group("tp")
         self.shards = self.data_group.size if shard else 1
         bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
         pad_to = self.shards * (ALIGN if params[0].is_cuda else 1)  # every rank's chunk equally long (and aligned)
@@ -122,7 +122,7 @@ class GradSync:
         if self.shard:
             raise NotImplementedError("summing main gradients over another group needs unsharded buckets (zero 0)")
         if not self._finished:
-            raise RuntimeError("all_reduce_main_grads() before finish(): the dp x sp reduction must land first")
+            raise RuntimeError("all_reduce_main_grads() before finish(): the dp x ring x sp reduction must land first")
         for p in params:
             C.all_reduce(self.main_grad(p), group)
 
@@ -156,7 +156,7 @@ class GradSync:
         return (bucket, *buf.ranges[id(p)])
 
     def main_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """p's fp32 main gradient (summed over dp x sp after finish() unless sharded: then only the owned part)."""
+        """p's fp32 main gradient (summed over dp x ring x sp after finish() unless sharded: then only the owned part)."""
         return self._home[id(p)][0].main_grad(p)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .sync import GradSync
 class DistributedOptimizer:
     """A torch optimizer (AdamW by default) stepping fp32 master copies of the elements this rank owns.
 
-    With a sharding GradSync (ZeRO-1, Rajbhandari et al.) each of the N dp x sp ranks owns chunk r of every bucket:
+    With a sharding GradSync (ZeRO-1, Rajbhandari et al.) each of the N dp x ring x sp ranks owns chunk r of every bucket:
     the reduce-scattered gradient, the master weights and the optimizer state exist for 1/N of the model only, and
     after step() the updated chunks are cast to the parameter dtype and all-gathered into every rank's model.
     Without sharding it is the mixed-precision optimizer: fp32 masters of the whole model, copied into (e.g. bf16)
@@ -91,7 +91,7 @@ class DistributedOptimizer:
         self._all_gather_params()
 
     def _all_gather_params(self) -> None:
-        """Cast each bucket's updated chunk to the parameter dtype and all-gather it over dp x sp into the params."""
+        """Cast each bucket's updated chunk to the parameter dtype and all-gather it over dp x ring x sp into the params."""
         gathers = []
         for bucket in self.sync.buckets:
             dtypes = {p.dtype for p in bucket.params}
@@ -125,7 +125,7 @@ class DistributedOptimizer:
     @torch.no_grad()
     def param_states(self) -> Iterator[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]]:
         """(param, {'master', 'exp_avg', 'exp_avg_sq': fp32 tensors shaped like the param, 'step': 0-d}) for every
-        parameter, bucket by bucket; under ZeRO-1 each bucket's owned chunks are all-gathered over dp x sp, so this
+        parameter, bucket by bucket; under ZeRO-1 each bucket's owned chunks are all-gathered over dp x ring x sp, so this
         is a collective: iterate it on every rank, in step. Before the first step the moments are 0 and step is 0."""
         step = self._step_count()
         for bucket in self.sync.buckets:
@@ -136,8 +136,8 @@ class DistributedOptimizer:
                 yield p, {**state, "step": step.clone()}
 
     def state_dict(self) -> dict[str, Any]:
-        """{'state': {i: param_states() entry of sync.params[i]}}: whole (dp x sp-gathered, TP-local) tensors per
-        parameter, so another ZeRO level or dp x sp size can load it. A collective under ZeRO-1."""
+        """{'state': {i: param_states() entry of sync.params[i]}}: whole (dp x ring x sp-gathered, TP-local) tensors per
+        parameter, so another ZeRO level or dp x ring x sp size can load it. A collective under ZeRO-1."""
         index = {id(p): i for i, p in enumerate(self.sync.params)}
         return {"state": {index[id(p)]: s for p, s in self.param_states()}}
 
@@ -177,7 +177,7 @@ class DistributedOptimizer:
                     **moments[id(flat)]}
 
     def _step_count(self) -> torch.Tensor:
-        """The inner optimizer's step count (the same for every run; max over dp x sp, as a rank may own none)."""
+        """The inner optimizer's step count (the same for every run; max over dp x ring x sp, as a rank may own none)."""
         steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
         device = next(iter(self._masters.values())).device
         count = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=device)

@@ -25,7 +25,7 @@ def local_virtual_stages(pp: int, vpp: int, rank: int) -> list[int]:
 
 def all_reduce_tied_gradients(params: Iterable[torch.nn.Parameter], mesh: ParallelMesh) -> None:
     """Sum the gradients of parameters held by both the first and the last stage (tied embeddings) over the
-    embedding group, so both copies take the same optimizer step; call after backward, before the dp x sp sync."""
+    embedding group, so both copies take the same optimizer step; call after backward, before the dp x ring x sp sync."""
     group = mesh.embedding_group()
     for p in params:
         if p.grad is None:

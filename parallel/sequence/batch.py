@@ -1,4 +1,5 @@
-"""Sequence sharding of a batch: pad to a multiple of the shard count, give each SP rank one contiguous chunk."""
+"""Sequence sharding of a batch: pad to a multiple of the shard unit, give each SP rank one contiguous chunk (after the
+ring's zig-zag split when there is a ring)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,6 +8,7 @@ import torch
 
 from .. import collectives as C
 from ..collectives import CommGroup
+from .ring import ring_shard
 
 IGNORE_INDEX = -100  # label of a token that is not trained on (padding, masked prompt)
 
@@ -36,6 +38,14 @@ def shard_sequence(x: torch.Tensor, group: CommGroup, dim: int = 1) -> torch.Ten
         raise ValueError(f"sequence length {x.shape[dim]} is not divisible by {group.size} ranks: pad it first "
                          "(pad_sequence_batch)")
     return x.chunk(group.size, dim=dim)[group.rank].contiguous()
+
+
+def shard_ring_sequence(x: torch.Tensor, ring: CommGroup, sp: CommGroup, dim: int = 1) -> torch.Tensor:
+    """This rank's piece of a whole sequence: its ring rank's zig-zag shard (chunks r and 2R-1-r of 2R), then this SP
+    rank's contiguous chunk of that; plain shard_sequence when the ring has one rank."""
+    if ring.size > 1:
+        x = ring_shard(x, ring, dim=dim)
+    return shard_sequence(x, sp, dim=dim)
 
 
 def gather_sequence_ids(x: torch.Tensor, group: CommGroup) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Token-weighted loss: sum of per-token losses over the valid tokens of the whole dp x sp batch / their count."""
+"""Token-weighted loss: sum of per-token losses over the valid tokens of the whole dp x ring x sp batch / their count."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +16,7 @@ def count_valid_tokens(labels: torch.Tensor, group: CommGroup) -> torch.Tensor:
 def token_weighted_loss(per_token: torch.Tensor, labels: torch.Tensor, total_valid: torch.Tensor) -> torch.Tensor:
     """This rank's share of the global mean: sum of its valid per-token losses / the group's valid-token count.
 
-    Summing the shares (and their gradients) over dp x sp gives exactly the mean over every valid token, even
+    Summing the shares (and their gradients) over dp x ring x sp gives exactly the mean over every valid token, even
     when ranks hold different numbers of them, or none.
     """
     valid = labels != IGNORE_INDEX

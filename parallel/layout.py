@@ -102,20 +102,20 @@ class ParallelLayout:
     def resolve(self, world_size: int) -> "ParallelLayout":
         """Fill in dp from the world size and check tp * sp * ring * pp * dp == world_size."""
         mp = self.model_parallel_size
+        axes = ("tp", "sp", "ring", "pp") if self.ring > 1 else ("tp", "sp", "pp")  # name the ring only when used
+        names, values = " * ".join(axes), " * ".join(str(getattr(self, a)) for a in axes)
         if self.dp is None:
             if world_size % mp:
                 fits = [d for d in _divisors(world_size)]
                 raise LayoutError(
-                    f"world size {world_size} is not divisible by tp * sp * ring * pp = {self.tp} * {self.sp} * "
-                    f"{self.ring} * {self.pp} = {mp}; "
+                    f"world size {world_size} is not divisible by {names} = {values} = {mp}; "
                     f"choose degrees whose product divides {world_size} (its divisors: {fits})")
             return replace(self, dp=world_size // mp)
         if mp * self.dp != world_size:
             hint = (f"set layout.dp={world_size // mp}" if world_size % mp == 0
-                    else f"choose tp * sp * ring * pp dividing {world_size}")
+                    else f"choose {names} dividing {world_size}")
             raise LayoutError(
-                f"tp * sp * ring * pp * dp = {self.tp} * {self.sp} * {self.ring} * {self.pp} * {self.dp} = "
-                f"{mp * self.dp} ranks, "
+                f"{names} * dp = {values} * {self.dp} = {mp * self.dp} ranks, "
                 f"but the world has {world_size}; {hint}, or leave dp unset to infer it")
         return self
 

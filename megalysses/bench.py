@@ -36,7 +36,7 @@ import torch.distributed as dist
 from megalysses.parallel import collectives as C
 from megalysses.parallel import ParallelMesh
 
-from megalysses.parallel.launch import launch
+from megalysses.parallel.launch import add_debug_flag, apply_debug_flag, launch
 
 from .config import RunConfig
 from .metrics import flops_per_token, hardware_flops_per_token, matmul_tflops, mfu
@@ -235,7 +235,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     parser.add_argument("--profile", type=Path, default=None, help="folder for one profiled step per length")
+    add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    apply_debug_flag(args)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
     return args

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megalysses.parallel.launch import launch, launch_world_size
+from megalysses.parallel.launch import add_debug_flag, apply_debug_flag, launch, launch_world_size
 
 from .checkpoint import check_init_from, check_overwrite
 from .config import CONFIG_DIR, ConfigError, RunConfig, load_run_config
@@ -27,7 +27,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(QUICKSTART), help="run YAML (default: the bundled CPU quick-start)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 layout=sp4")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    apply_debug_flag(args)
+    return args
 
 
 def load_checked(prog: str, config: str, overrides: Sequence[str], data: bool = True,

@@ -107,7 +107,7 @@ def launch(fn: Callable[..., Any], *args, nproc: int, device_type: str, command:
         except Exception as e:  # noqa: BLE001 - one line per failing rank; the traceback on request
             if debugging():
                 raise
-            print(f"{command}: rank {dist.get_rank()} failed: {type(e).__name__}: {e} (set MEGALYSSES_DEBUG=1 for "
+            print(f"{command}: rank {dist.get_rank()} failed: {type(e).__name__}: {e} (pass --debug for "
                   "the traceback)", file=sys.stderr, flush=True)
             return 1
         finally:
@@ -120,15 +120,27 @@ def launch(fn: Callable[..., Any], *args, nproc: int, device_type: str, command:
     try:
         run_ranks(_without_rank, nproc, fn, *args, timeout=7 * 24 * 3600.0, forward_signals=True)
     except RankFailure as e:
-        print(f"{command}: {e if debugging() else e.summary + ' (set MEGALYSSES_DEBUG=1 for the traceback)'}",
+        print(f"{command}: {e if debugging() else e.summary + ' (pass --debug for the traceback)'}",
               file=sys.stderr, flush=True)
         return 1
     return 0
 
 
 def debugging() -> bool:
-    """MEGALYSSES_DEBUG=1: rank failures print their whole traceback instead of one line."""
+    """MEGALYSSES_DEBUG=1 (the CLIs' --debug): rank failures print their whole traceback instead of one line."""
     return os.environ.get("MEGALYSSES_DEBUG", "") not in ("", "0")
+
+
+def add_debug_flag(parser) -> None:
+    """The --debug option of a command-line tool: read it with apply_debug_flag(args)."""
+    parser.add_argument("--debug", action="store_true", help="a failing rank prints its whole traceback "
+                                                              "(as MEGALYSSES_DEBUG=1) instead of one line")
+
+
+def apply_debug_flag(args) -> None:
+    """Turn --debug into MEGALYSSES_DEBUG=1, which the launcher and every rank it starts read."""
+    if getattr(args, "debug", False):
+        os.environ["MEGALYSSES_DEBUG"] = "1"
 
 
 def _without_rank(rank: int, world: int, fn: Callable[..., Any], *args) -> Any:

@@ -89,3 +89,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capsys):
     assert "Traceback" not in err
     assert ("megalysses.train: rank 0 of 1 failed: FloatingPointError: 2 non-finite steps in a row, the last at "
             "step 3; lower train.lr") in err
+
+
+def test_debug_shows_the_failing_ranks_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEGALYSSES_DEBUG", "0")  # restored after the test: --debug sets it for this process
+    assert main(["--config", str(QUICKSTART), f"logging.run_dir={tmp_path}", "layout=single", "train.nproc=1",
+                 "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.max_bad_steps=1",
+                 "train.steps=3", "train.eval_every=0", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FloatingPointError: 1 non-finite steps in a row" in err

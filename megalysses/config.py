@@ -259,7 +259,7 @@ def bundled(kind: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
-def _model_reference(name: str, where: str) -> Optional[tuple[dict, str]]:
+def model_reference(name: str, where: str) -> Optional[tuple[dict, str]]:
     """A model given as a folder or a run config: a Hugging Face model folder (its config.json), a checkpoint (its
     config.yaml's model), or a resolved run config.yaml; None when `name` is none of them."""
     path = Path(name)
@@ -276,17 +276,23 @@ def _model_reference(name: str, where: str) -> Optional[tuple[dict, str]]:
         data = _read_yaml(path)
         if isinstance(data.get("model"), dict) and "layout" in data:  # a resolved run config
             return data["model"], f"{path}: model"
-    if where.endswith("checkpoint.init_from"):
-        raise ConfigError(f"{where} = {name!r}: neither a Hugging Face model folder (config.json) nor a megalysses "
-                          "checkpoint (config.yaml); give one")
     return None
+
+
+def init_source_model(init_from: str, where: str = "checkpoint.init_from") -> tuple[dict, str]:
+    """The model section of checkpoint.init_from's source (an HF folder or a checkpoint) and where it came from."""
+    found = model_reference(init_from, where)
+    if found is None:
+        raise ConfigError(f"{where} = {init_from!r}: neither a Hugging Face model folder (config.json) nor a "
+                          "megalysses checkpoint (config.yaml); give one")
+    return found
 
 
 def _load_reference(section: str, name: str, bases: Sequence[Path], where: str) -> tuple[dict, str]:
     """Read the model/layout file that name refers to (a model also as an HF folder, a checkpoint, or a run's
     config.yaml); returns its dict and its path."""
     if section == "model":
-        found = _model_reference(name, where)
+        found = model_reference(name, where)
         if found is not None:
             return found
     kind_dir = REFERENCE_DIRS[section]
@@ -397,7 +403,7 @@ class _RunSections:
         init_from = (self.data.get("checkpoint") or {}).get("init_from") if isinstance(
             self.data.get("checkpoint"), dict) else None
         if init_from and not self.model_named:  # the source's geometry, the run's model.* overrides on top
-            source, where = _model_reference(str(init_from), f"{self.path}: checkpoint.init_from")
+            source, where = init_source_model(str(init_from), f"{self.path}: checkpoint.init_from")
             self.data["model"] = {**source, **(self.data.get("model") or {})}
             self.origins["model"] = f"{where} (checkpoint.init_from)"
         return build_dataclass(RunConfig, self.data, str(self.path), "", self.origins)

@@ -48,3 +48,10 @@ def model_inventory(cfg: GPTConfig) -> Mapping[str, ParamInfo]:
     with torch.device("meta"):
         model = GPT(torch_cfg, ParallelMesh.single_device(), TORCH_SPEC)
     return MappingProxyType({name: param_info(p) for name, p in model.canonical_parameters()})
+
+
+def same_parameters(a: GPTConfig, b: GPTConfig) -> bool:
+    """Whether two model configs have the same parameters (names and full shapes): weights of one load into the
+    other, however each is sharded."""
+    return ([(n, i.full_shape) for n, i in model_inventory(a).items()] ==
+            [(n, i.full_shape) for n, i in model_inventory(b).items()])

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megalysses.config import ConfigError, RunConfig, load_run_config, save_resolved
-from megalysses.models.build import model_inventory
+from megalysses.models.build import model_inventory, same_parameters
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel.dp import DataParallel
 from megalysses.parallel import collectives as C
@@ -268,7 +268,7 @@ class Checkpointer:
         def listed(keys) -> str:
             return "; ".join(f"model.{k}: checkpoint {theirs.get(k)!r}, config {mine[k]!r}" for k in keys)
 
-        if not same_parameters(model_inventory(saved.model), model_inventory(self.cfg.model)):
+        if not same_parameters(saved.model, self.cfg.model):
             raise CheckpointError(f"{path}: holds another model ({listed(differ)}); "
                                   f"resume with its model config ({path / CONFIG}) or set checkpoint.resume=never")
         if differ:
@@ -327,11 +327,6 @@ class Checkpointer:
     def _say(self, text: str) -> None:
         if self.rank == 0:
             print(text, file=sys.stderr if text.startswith("warning") else sys.stdout, flush=True)
-
-
-def same_parameters(a, b) -> bool:
-    """Two inventories name the same parameters with the same full shapes (how they are sharded may differ)."""
-    return [(n, i.full_shape) for n, i in a.items()] == [(n, i.full_shape) for n, i in b.items()]
 
 
 def resume_candidates(choice: str, root: Path) -> tuple[list[Path], bool]:

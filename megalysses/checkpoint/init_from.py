@@ -3,17 +3,17 @@ weights only (fresh optimizer, step 0), streamed one parameter at a time into an
 has no checkpoint of its own, so that a rerun resumes the run instead of starting over."""
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from megalysses.config import ConfigError, RunConfig, load_run_config
-from megalysses.models.build import model_inventory
+from megalysses.config import ConfigError, RunConfig, from_dict, init_source_model
+from megalysses.models.build import model_inventory, same_parameters
 from megalysses.models.config import GPTConfig
 
-from .files import CONFIG, CheckpointError, is_checkpoint
+from .files import CONFIG, CheckpointError
 from .hf_files import CONFIG_JSON, HFFolder, HFFolderError
 from .state import model_key
 
@@ -24,18 +24,8 @@ def is_hf_folder(path: Path) -> bool:
 
 def source_model(init_from: str) -> GPTConfig:
     """The model geometry of an init_from source: an HF folder's config.json, or a checkpoint's config.yaml."""
-    path = Path(init_from)
-    if is_hf_folder(path):
-        from megalysses.models.hf import gpt_config_from_hf
-
-        try:
-            return gpt_config_from_hf(json.loads((path / CONFIG_JSON).read_text()))
-        except ValueError as e:
-            raise ConfigError(f"checkpoint.init_from = {init_from!r}: {path / CONFIG_JSON}: {e}") from e
-    if is_checkpoint(path):
-        return load_run_config(path / CONFIG).model
-    raise ConfigError(f"checkpoint.init_from = {init_from!r}: neither a Hugging Face model folder (config.json + "
-                      "safetensors) nor a megalysses checkpoint (a step-N folder with manifest.json); give one")
+    data, where = init_source_model(init_from)
+    return from_dict(GPTConfig, data, where, "model")
 
 
 def check_init_from(cfg: RunConfig) -> None:
@@ -48,12 +38,9 @@ def check_init_from(cfg: RunConfig) -> None:
                           "where the weights come from: resume continues a run exactly, init_from starts a new one "
                           "from weights; keep one")
     source = source_model(c.init_from)
-    mine, theirs = model_inventory(cfg.model), model_inventory(source)
-    if [(n, i.full_shape) for n, i in mine.items()] != [(n, i.full_shape) for n, i in theirs.items()]:
-        fields = [f for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                              "intermediate_size", "tie_embeddings", "qkv_bias", "qk_norm")
-                  if getattr(source, f) != getattr(cfg.model, f)]
-        differ = "; ".join(f"model.{f}: source {getattr(source, f)!r}, run {getattr(cfg.model, f)!r}" for f in fields)
+    if not same_parameters(source, cfg.model):
+        theirs, mine = dataclasses.asdict(source), dataclasses.asdict(cfg.model)
+        differ = "; ".join(f"model.{k}: source {theirs[k]!r}, run {mine[k]!r}" for k in mine if mine[k] != theirs[k])
         raise ConfigError(f"checkpoint.init_from = {c.init_from!r} holds another model geometry ({differ}): leave "
                           "the run's model out to take the source's, or name a model that matches it")
 

@@ -54,6 +54,7 @@ def describe_setup(cfg: RunConfig) -> str:
     savers = [f"recompute={cfg.memory.recompute}"] if cfg.memory.recompute != "none" else []
     savers += ["offload"] if cfg.memory.offload_activations else []
     savers += [f"{k}={getattr(cfg.memory, k)}" for k in ("mlp_tiles", "loss_tiles") if getattr(cfg.memory, k) > 1]
+    savers += ["fused_loss"] if cfg.memory.fused_loss else []
     size = f"{m.num_params() / 1e9:.2f}B" if m.num_params() >= 1e8 else f"{m.num_params() / 1e6:.1f}M"
     return " ".join([f"{size}/{m.num_layers}L", m.backend, m.attention_core, precision] + savers)
 

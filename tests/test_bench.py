@@ -101,7 +101,8 @@ def test_bench_config_errors_exit_2(capsys):
 @pytest.mark.parametrize("name, kind", [("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "communication"),
                                         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
                                         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
-                                        ("void at::native::vectorized_elementwise_kernel<4, ...>", "other")])
+                                        ("void at::native::vectorized_elementwise_kernel<4, ...>", "elementwise"),
+                                        ("triton_red_fused__to_copy_mean_mul_pow_rsqrt_0", "norms/other")])
 def test_kernel_kinds(name, kind):
     assert kernel_kind(name) == kind
 

@@ -157,3 +157,26 @@ def test_trainer_step_with_fused_loss_through_the_pipeline():
     fused = dataclasses.replace(base, memory=MemoryConfig(fused_loss=True, loss_tiles=3))
     for (ref_loss, ref_norm), (loss, norm) in run_ranks(trainer_steps_on_rank, 2, [base, fused]):
         assert abs(loss - ref_loss) < 1e-6 * ref_loss and abs(norm - ref_norm) < 1e-5 * ref_norm
+
+
+@pytest.mark.gpu
+def test_fused_loss_on_gpu_in_bf16_is_close_and_smaller():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = GPTConfig(vocab_size=32000, hidden_size=256, num_layers=1, num_heads=4, intermediate_size=512)
+    batch = make_batch(cfg, batch=2, seq=2048, ignore_tail=100)
+    results, peaks = [], []
+    for memory in (MemoryConfig(), MemoryConfig(fused_loss=True, loss_tiles=8)):
+        model = GPT(cfg, memory=memory).cuda()
+        model.init_weights(SEED)
+        ids, labels = batch.input_ids.cuda(), batch.labels.cuda()
+        total = (labels != IGNORE_INDEX).sum().double()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, None, labels, total_valid=total)
+        loss.backward()
+        peaks.append(torch.cuda.max_memory_allocated())
+        results.append((loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters()}))
+    loss_err, grad_err, worst = compare(*results)
+    assert loss_err < 1e-2 and grad_err < 3e-2, worst
+    assert peaks[1] < peaks[0], peaks  # never the whole (4096, 32000) logits

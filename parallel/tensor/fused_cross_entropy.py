@@ -42,7 +42,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if want_x:
                     grad_x[lo:lo + chunk_rows] = g @ weight
                 if want_w:
-                    grad_w += (g.t() @ xc).float()
+                    _accumulate(grad_w, g.t(), xc)
         ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
         return loss
 
@@ -51,6 +51,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         return scale(grad_x), scale(grad_w), None, None, None, None, None, None
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, the product formed in a's dtype and added in acc's (float32) one."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += (a @ b).float()
 
 
 def _chunk_statistics(z: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_valid: int, group: CommGroup):

@@ -161,8 +161,6 @@ def test_trainer_step_with_fused_loss_through_the_pipeline():
 
 @pytest.mark.gpu
 def test_fused_loss_on_gpu_in_bf16_is_close_and_smaller():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     cfg = GPTConfig(vocab_size=32000, hidden_size=256, num_layers=1, num_heads=4, intermediate_size=512)
     batch = make_batch(cfg, batch=2, seq=2048, ignore_tail=100)
     results, peaks = [], []

@@ -40,7 +40,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if want_x or want_w:
                 g = _softmax_minus_target(z, zmax, sum_exp, local, mine, wc, vocab_valid)  # (c, V_local), z's dtype
                 if want_x:
-                    grad_x[lo:lo + chunk_rows] = g @ weight
+                    torch.mm(g, weight, out=grad_x[lo:lo + chunk_rows])  # a row block: contiguous
                 if want_w:
                     _accumulate(grad_w, g.t(), xc)
         ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))

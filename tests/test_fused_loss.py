@@ -146,13 +146,15 @@ def trainer_steps_on_rank(rank, world, cfgs):
     return out
 
 
-def test_trainer_step_with_fused_loss_through_the_pipeline():
+@pytest.mark.parametrize("layout", [ParallelLayout(pp=2), ParallelLayout(tp=2, zero=1), ParallelLayout(dp=2, zero=3)],
+                         ids=["pp2", "tp2-zero1", "dp2-zero3"])
+def test_trainer_step_with_fused_loss(layout):
     import dataclasses
 
     from megalysses.config import RunConfig, TrainConfig
 
     base = RunConfig(model=GPTConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                     intermediate_size=96), layout=ParallelLayout(pp=2),
+                                     intermediate_size=96, tie_embeddings=layout.zero == 3), layout=layout,
                      train=TrainConfig(global_batch_size=4, micro_batch_size=1, seq_len=16, dtype="float32"))
     fused = dataclasses.replace(base, memory=MemoryConfig(fused_loss=True, loss_tiles=3))
     for (ref_loss, ref_norm), (loss, norm) in run_ranks(trainer_steps_on_rank, 2, [base, fused]):

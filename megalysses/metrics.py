@@ -55,7 +55,7 @@ def hardware_flops_per_token(cfg: GPTConfig, memory: MemoryConfig, seq_len: int)
         redo += fwd["attn_core"]
     if memory.mlp_tiles > 1:
         redo += fwd["mlp"]
-    if memory.loss_tiles > 1:
+    if memory.loss_tiles > 1 and not memory.fused_loss:  # the fused head + loss forms its gradients in forward
         redo += fwd["head"]
     return flops_per_token(cfg, seq_len) + redo
 

@@ -137,7 +137,14 @@ class MemoryConfig:
     tile's (tile, intermediate_size / tp) activations exist at once; 1 = off."""
     loss_tiles: int = 1
     """Compute the LM-head logits and the vocab-parallel cross-entropy over this many sequence tiles, each recomputed
-    in backward, so the (s, vocab / tp) logits never exist at once; 1 = off. Applies when labels are given."""
+    in backward, so the (s, vocab / tp) logits never exist at once; 1 = off. Applies when labels are given. With
+    fused_loss, the number of token chunks of the fused head + loss instead (nothing is recomputed)."""
+    fused_loss: bool = False
+    """Fuse the LM head and the vocab-parallel cross-entropy (Liger's fused linear cross-entropy over vocab shards):
+    token chunks whose logits, loss and gradients (hidden states and head weight) are formed in one pass in forward,
+    so neither the whole (tokens, vocab / tp) logits nor a backward recompute exist. Chunks: loss_tiles when > 1, else
+    as many as keep a chunk's logits under 2^28 elements. Applies to the trainer's loss (the model given the step's
+    valid-token count); the same loss and gradients as the unfused head up to float rounding."""
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE:

@@ -3,16 +3,20 @@
 Cases: one document per row, packed documents (positions resetting, documents crossing chunk and rank boundaries,
 one-token documents), GQA with h=4 over hk=2 and hk=1, and a length 2R does not divide (30 tokens, padded to a
 multiple of 2R at the end; the causal mask hides the padding from every real token, which is what the data path
-relies on: ring_shard itself refuses an undivided length).
+relies on: ring_shard itself refuses an undivided length). The sp x ring hybrid (Ulysses all-to-all inside, the ring
+across) runs the same cases on 2x2 and 2x4 / 4x2 ranks; hk=2 and hk=1 are then kv heads below the Ulysses degree.
 """
 import pytest
 import torch
 
 from megalysses.models.cores import Documents, sdpa_attention
 from megalysses.parallel import ParallelLayout, ParallelMesh
+from megalysses.parallel import collectives as C
 from megalysses.parallel.collectives import CommGroup
 from megalysses.parallel.launch import run_ranks
-from megalysses.parallel.sequence import pad_sequence_batch, ring_attention, ring_masks, ring_shard, ring_unshard
+from megalysses.parallel.sequence import (gather_sequence_ids, pad_sequence_batch, ring_attention, ring_core,
+                                          ring_masks, ring_shard, ring_unshard, shard_ring_sequence,
+                                          ulysses_attention)
 from megalysses.parallel.sequence.ring import RingMasks, document_ids
 
 HEADS, DIM, BATCH = 4, 8, 2
@@ -87,6 +91,36 @@ def _ring_case(rank, world, case):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_single_device(world, case):
     for rank, errors in enumerate(run_ranks(_ring_case, world, case)):
+        for name, err in zip(("out", "dq", "dk", "dv"), errors):
+            assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
+
+
+def _hybrid_case(rank, world, sp, case):
+    """sp x ring: shards as the data path cuts them (ring zig-zag, then sp), Ulysses around the ring core."""
+    mesh = ParallelMesh(ParallelLayout(sp=sp, ring=world // sp))
+    ring, sp_group = mesh.group("ring"), mesh.group("sp")
+    q, k, v, grad_out, positions = _inputs(case)
+    ref_out, ref_grads = _reference(q, k, v, grad_out, positions)
+    seq, multiple = q.shape[1], mesh.layout.sequence_unit
+    if positions is None:
+        positions = torch.arange(seq).expand(BATCH, seq)
+    ids = torch.zeros(BATCH, seq, dtype=torch.long)
+    _, _, positions = pad_sequence_batch(ids, ids, positions, multiple)
+    shard = lambda t: shard_ring_sequence(t, ring, sp_group)  # noqa: E731
+    shards = [shard(_pad(t, multiple)).requires_grad_() for t in (q, k, v)]
+    ring_positions = gather_sequence_ids(shard(positions), sp_group)  # this ring rank's zig-zag shard
+    masks = ring_masks(ring, ring_positions.shape[1], ring_positions)
+    out = ulysses_attention(ring_core(ring), *shards, sp_group, docs=masks)
+    out.backward(shard(_pad(grad_out, multiple)))
+    unshard = lambda t: ring_unshard(C.all_gather(t.contiguous(), sp_group, dim=1), ring)[:, :seq]  # noqa: E731
+    whole = [unshard(t) for t in [out.detach()] + [s.grad for s in shards]]
+    return [_rel(a, b) for a, b in zip(whole, [ref_out, *ref_grads])]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("sp,world", [(2, 4), (2, 8), (4, 8)], ids=["sp2-ring2", "sp2-ring4", "sp4-ring2"])
+def test_sp_by_ring_matches_single_device(sp, world, case):
+    for rank, errors in enumerate(run_ranks(_hybrid_case, world, sp, case)):
         for name, err in zip(("out", "dq", "dk", "dv"), errors):
             assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
 

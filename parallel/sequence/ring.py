@@ -2,6 +2,10 @@
 
 Layout (causal load balancing, the "zig-zag" split): the sequence is cut into 2R chunks and rank r holds chunks r and
 2R-1-r, so at every ring step each rank has the same amount of causal work. Tensors are (b, s/R, h, d).
+
+The sp x ring hybrid (Ulysses inside, ring across): each ring rank's zig-zag shard is split contiguously over sp; the
+Ulysses all-to-all gives every SP rank the whole ring shard for its head subset, and `ring_core` runs the ring over
+the ring ranks that hold the same heads.
 """
 from __future__ import annotations
 
@@ -268,3 +272,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Com
         masks = ring_masks(group, q.shape[SEQ_DIM], positions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _RingAttention.apply(q, k, v, group, masks, scale)
+
+
+def ring_core(group: CommGroup):
+    """Ring attention as a local attention core, `core(q, k, v, docs=RingMasks, scale=None)`: what ulysses_attention
+    runs in its head-sharded region to make the sp x ring hybrid (q (b, s/R, h/sp, d) holds this ring rank's whole
+    zig-zag shard)."""
+    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RingMasks,
+             scale: Optional[float] = None) -> torch.Tensor:
+        return ring_attention(q, k, v, group, scale=scale, masks=docs)
+    return core

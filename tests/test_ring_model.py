@@ -35,6 +35,9 @@ CASES = [
     pytest.param(CFG, ParallelLayout(sp=2, ring=2), 4, True, id="sp2-ring2-packed"),
     pytest.param(CFG, ParallelLayout(sp=4, ring=2), 8, True, id="sp4-ring2-packed-gqa-kv2-below-sp"),
     pytest.param(SIX_HEADS, ParallelLayout(sp=2, ring=4), 8, True, id="sp2-ring4-six-heads"),
+    pytest.param(CFG, ParallelLayout(ring=2, tp=2, tp_sequence_parallel=True), 4, True, id="ring2-tp2-seqpar"),
+    pytest.param(CFG, ParallelLayout(sp=2, ring=2, tp=2, tp_sequence_parallel=True), 8, True,
+                 id="tp2-sp2-ring2-seqpar"),
 ]
 
 

@@ -100,10 +100,12 @@ def _losses(tmp_path, name, *overrides):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_six_heads_train_on_ring_four_through_the_cli(tmp_path):
-    """6 heads on 4 sequence-parallel ranks: Ulysses refuses it, the ring trains it like one device."""
-    ring = _losses(tmp_path, "ring4", "layout={ring: 4}", "train.nproc=4")
+def test_six_heads_train_on_ring_four_and_sp2_ring4_through_the_cli(tmp_path):
+    """6 heads on 4 and on 8 sequence-parallel ranks: Ulysses alone refuses both, the ring (and sp 2 x ring 4, gloo
+    ranks started by megalysses-train) trains them like one device."""
     single = _losses(tmp_path, "single", "layout=single", "train.nproc=1")
-    assert len(ring) == 3 and ring[-1] < ring[0]
-    for a, b in zip(ring, single):
-        assert abs(a - b) <= 1e-5 * abs(b), (ring, single)
+    for name, layout, nproc in (("ring4", "{ring: 4}", 4), ("sp2-ring4", "{sp: 2, ring: 4}", 8)):
+        losses = _losses(tmp_path, name, f"layout={layout}", f"train.nproc={nproc}")
+        assert len(losses) == 3 and losses[-1] < losses[0], name
+        for a, b in zip(losses, single):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, losses, single)

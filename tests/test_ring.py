@@ -6,6 +6,9 @@ multiple of 2R at the end; the causal mask hides the padding from every real tok
 relies on: ring_shard itself refuses an undivided length). The sp x ring hybrid (Ulysses all-to-all inside, the ring
 across) runs the same cases on 2x2 and 2x4 / 4x2 ranks; hk=2 and hk=1 are then kv heads below the Ulysses degree.
 """
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,7 +20,7 @@ from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import (gather_sequence_ids, pad_sequence_batch, ring_attention, ring_core,
                                           ring_masks, ring_shard, ring_unshard, shard_ring_sequence,
                                           ulysses_attention)
-from megalysses.parallel.sequence.ring import RingMasks, document_ids
+from megalysses.parallel.sequence.ring import RingMasks, causal_chunk_pairs, document_ids, ring_chunks
 
 HEADS, DIM, BATCH = 4, 8, 2
 
@@ -162,6 +165,23 @@ def test_causal_work_is_balanced_over_ranks_and_steps():
         assert work == ({3 * chunk * chunk} if step == 0 else {2 * chunk * chunk}), (step, work)
 
 
+def test_causal_chunk_pairs_cover_exactly_the_causal_mask():
+    """The mask-free plan (what a fused block core runs) allows exactly the pairs RingMasks allows, for every rank,
+    step and ring size."""
+    chunk = 3
+    for ranks in (1, 2, 3, 4):
+        for rank in range(ranks):
+            for src in range(ranks):
+                allowed = torch.zeros(2 * chunk, 2 * chunk, dtype=torch.bool)
+                local = {c: i for i, c in enumerate(ring_chunks(rank, ranks))}, {
+                    c: i for i, c in enumerate(ring_chunks(src, ranks))}
+                for qc, kc, causal in causal_chunk_pairs(rank, src, ranks):
+                    block = torch.ones(chunk, chunk, dtype=torch.bool)
+                    qi, ki = local[0][qc] * chunk, local[1][kc] * chunk
+                    allowed[qi:qi + chunk, ki:ki + chunk] = block.tril() if causal else block
+                assert torch.equal(allowed, RingMasks(rank, ranks, chunk).mask(src, "cpu")[0]), (ranks, rank, src)
+
+
 def test_blocks_no_document_crosses_are_skipped():
     """Documents that each fit inside one chunk: a rank attends only to its own k/v block."""
     ranks, chunk = 2, 4
@@ -187,3 +207,17 @@ def test_bf16_inputs_keep_their_dtype_and_stay_close():
     assert out.dtype == q.grad.dtype == k.grad.dtype == torch.bfloat16
     assert _rel(out.float(), ref_out) < 2e-2
     assert all(_rel(a.float(), b) < 3e-2 for a, b in zip((q.grad, k.grad, v.grad), ref_grads))
+
+
+def test_ring_benchmark_runs_on_cpu_and_its_ring_reproduces_the_fused_core(capsys):
+    """scripts/bench_ring.py --tiny: every (S, R) row is measured and its simulated ring matches the fused call."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ring.py"
+    spec = importlib.util.spec_from_file_location("bench_ring", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--rings", "2,4", "--iters", "1", "--warmup", "0"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64") or
+            line.startswith("| 256")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("| 64", "2", "reference"), ("| 64", "4", "reference"),
+                                                  ("| 256", "2", "reference"), ("| 256", "4", "reference")]
+    assert all(float(r[-1].rstrip(" |")) < 1e-5 for r in rows), rows

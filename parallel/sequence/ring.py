@@ -111,6 +111,13 @@ class RingMasks:
         return blocks
 
 
+def causal_chunk_pairs(rank: int, src: int, ranks: int) -> list[tuple[int, int, bool]]:
+    """The causal ring step without masks (one document per row): (query chunk, key chunk, causal) for each pair of
+    this rank's chunks and rank src's chunks (global chunk indices of 2R) that attends at all: key chunk before the
+    query chunk -> whole block, the same chunk -> causal square, after -> skipped. What a fused block core runs."""
+    return [(qc, kc, qc == kc) for qc in ring_chunks(rank, ranks) for kc in ring_chunks(src, ranks) if kc <= qc]
+
+
 def ring_masks(group: CommGroup, local_len: int, positions: Optional[torch.Tensor] = None) -> RingMasks:
     """The masks for this rank's shard of length 2c; positions (b, 2c) is the zig-zag shard of the global
     position_ids (gathered once here to find documents), or None for one causal document per row."""

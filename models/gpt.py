@@ -43,8 +43,11 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
         core_heads, core_kv_heads = ulysses_heads(self.sp_group.size, self.heads, self.kv_heads)  # after the all-to-all
-        self.core = (ring_core(self.ring_group) if self.ring_group.size > 1 else
-                     build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim, cfg.softmax_scale))
+        if self.ring_group.size > 1:  # the sp x ring hybrid: ring attention inside the Ulysses head-sharded region
+            self.core = ring_core(self.ring_group)
+        else:
+            self.core = build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim,
+                                             cfg.softmax_scale)
         self.scale = cfg.softmax_scale
         self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
         self.offload = memory.offload_activations

@@ -80,8 +80,9 @@ def flex_core(scale: float) -> Core:
 
     def core(q, k, v, causal):
         block_mask = causal_mask(q.shape[1], q.device) if causal else None
-        out, aux = (compiled if q.is_cuda else flex_attention)(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask, scale=scale,
-                            enable_gqa=True, return_aux=AuxRequest(lse=True))
+        attend = compiled if q.is_cuda else flex_attention
+        out, aux = attend(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask, scale=scale,
+                          enable_gqa=True, return_aux=AuxRequest(lse=True))
         return out.transpose(1, 2), aux.lse
     return core
 
@@ -199,7 +200,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="CPU, float32, 4 q / 2 kv heads x 16, S 64 and 256, the "
-                   "reference core unless --cores says otherwise: checks the script and the ring's numbers without a GPU")
+                   "reference core unless --cores says otherwise: checks the script and the ring's numbers without a "
+                   "GPU")
     args = p.parse_args(argv)
     if args.tiny:
         args.seqs, args.heads, args.kv_heads, args.head_dim = "64,256", 4, 2, 16

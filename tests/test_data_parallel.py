@@ -1,5 +1,5 @@
-"""Data parallelism over dp x ring x sp: several AdamW steps (2 micro-batches each, clipped) under bucketed DDP, ZeRO-1 and
-FSDP2 reproduce the single-device parameters and global gradient norms (fp32, gloo ranks)."""
+"""Data parallelism over dp x ring x sp: several AdamW steps (2 micro-batches each, clipped) under bucketed DDP, ZeRO-1
+and FSDP2 reproduce the single-device parameters and global gradient norms (fp32, gloo ranks)."""
 import contextlib
 import functools
 import os

@@ -158,10 +158,12 @@ def test_pipeline_matches_single_device(cfg, layout, world):
     _check_parity(cfg, ParallelLayout(**layout), world)
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_lockstep_plan_for_nccl_matches_single_device_on_gloo(pp):
-    """The lockstep rounds run_pipeline_step picks where p2p batches complete as a whole (NCCL), forced on gloo."""
-    _check_parity(TIED, ParallelLayout(pp=pp, **INTERLEAVED), pp, coalesced=True)
+@pytest.mark.parametrize("layout,world", [(dict(pp=2), 2), (dict(pp=4), 4), (dict(pp=2, ring=2), 4)],
+                         ids=["pp2", "pp4", "pp2-ring2"])
+def test_lockstep_plan_for_nccl_matches_single_device_on_gloo(layout, world):
+    """The lockstep rounds run_pipeline_step picks where p2p batches complete as a whole (NCCL), forced on gloo; with
+    a ring, its k/v passes run inside each stage's rounds."""
+    _check_parity(TIED, ParallelLayout(**layout, **INTERLEAVED), world, coalesced=True)
 
 
 def _check_parity(cfg, layout, world, coalesced=None):

@@ -26,13 +26,14 @@ def ulysses_heads(sp: int, heads: Optional[int], kv_heads: int, where: str = "",
     whose queries use it). `heads` None checks the kv heads alone; `where` says whose heads in the errors, `detail` how the query heads came about."""
     candidates = _divisors(heads) if heads is not None else range(1, 2 * sp + 1)
     ok = [d for d in candidates if kv_heads % d == 0 or d % kv_heads == 0]
+    beyond = "; for more sequence parallelism than that, add layout.ring (no head rule: sp x ring shards the sequence)"
     if heads is not None and heads % sp:
         raise LayoutError(f"sp = {sp} does not divide the {heads} heads{where}{detail}; Ulysses gives each SP rank whole "
-                          f"heads: use sp in {ok}")
+                          f"heads: use sp in {ok}{beyond}")
     if kv_heads % sp and sp % kv_heads:
         raise LayoutError(f"sp = {sp} and the {kv_heads} kv heads{where} neither divide each other; Ulysses needs sp "
                           f"to divide the kv heads, or the kv heads to divide sp (then they are replicated): use sp in "
-                          f"{ok}")
+                          f"{ok}{beyond}")
     return (None if heads is None else heads // sp), max(kv_heads, sp) // sp
 
 

@@ -3,8 +3,8 @@
 Read it as a single-device model: the spec supplies tensor-parallel layers, and the only sequence-parallel step
 is `ulysses_attention` around the attention core, which is the identity when sp = 1; with a ring degree the core is
 `ring_core`, ring attention over this ring rank's zig-zag shard (k/v blocks passing round the ring), so sp x ring is
-Ulysses inside and the ring across. A MemoryConfig picks what is
-recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
+Ulysses inside and the ring across (the ring's own fp32 block core then stands in for cfg.attention_core). A
+MemoryConfig picks what is recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
 """
 from __future__ import annotations
 

@@ -3,10 +3,13 @@
 #   1. its cost: Llama-3.2-1B at 32K, 2 sequences per step, with and without train.offload_optimizer
 #   2. the whole Llama-3-8B (32 layers, 8.03B parameters: 144 GB of weights + fp32 state without offload) at 128K
 #      and 256K tokens per step on one GPU, masters and moments in host memory, full recompute and tiles
-# Usage: bash scripts/bench_offload.sh [cost|8b|all]
+# Usage: bash scripts/bench_offload.sh [cost|8b|all]   (each row also appended as JSON to $OUT, default
+# offload-rows.jsonl: the two 1B rows train on the same tokens from the same weights, so their losses must be equal)
 set -euo pipefail
 what=${1:-all}
-bench() { python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m megalysses.bench --config gpu-bench "$@"; }
+OUT=${OUT:-offload-rows.jsonl}
+bench() { python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m megalysses.bench --config gpu-bench \
+  --out "$OUT" "$@"; }
 if [[ $what == cost || $what == all ]]; then
   for offload in false true; do
     bench model=llama-3.2-1b train.global_batch_size=2 memory.loss_tiles=4 train.offload_optimizer=$offload \

@@ -17,6 +17,8 @@ if [[ $what == cost || $what == all ]]; then
   done
 fi
 if [[ $what == 8b || $what == all ]]; then
+  # 256K leaves a few GiB free: growable segments keep the caching allocator from fragmenting them away
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   bench model=llama-3-8b train.offload_optimizer=true memory.recompute=full memory.mlp_tiles=8 memory.loss_tiles=32 \
     --seq-lens 131072,262144 --steps 1 --warmup 1
 fi

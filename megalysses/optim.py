@@ -58,8 +58,24 @@ def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainCo
     optimizer = DistributedOptimizer(groups, sync, torch.optim.AdamW, param_dtype=param_dtype,
                                      offload=cfg.offload_optimizer, **_adamw_kwargs(cfg, mesh.device_type))
     if cfg.offload_optimizer:  # the next forward waits only for the step of the layer it runs
-        optimizer.wait_for_step(model.modules())
+        optimizer.wait_for_step(forward_units(model, shard_modules))
     return BucketedDataParallel(sync, optimizer)
+
+
+def forward_units(model: torch.nn.Module, blocks: Sequence[torch.nn.Module]
+                  ) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
+    """(module, parameters it uses) in forward order: each model chunk with every parameter outside its blocks
+    (embedding, final norm, head: used by the chunk's own code, tied or not), then each of its blocks with its
+    whole subtree (fused code reads sub-module weights directly)."""
+    chunks = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+    units = []
+    for chunk in chunks:
+        inside = {id(m) for m in chunk.modules()}
+        mine = [b for b in blocks if id(b) in inside]
+        in_blocks = {id(p) for b in mine for p in b.parameters()}
+        units.append((chunk, [p for p in chunk.parameters() if id(p) not in in_blocks]))
+        units += [(b, list(b.parameters())) for b in mine]
+    return units
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,6 +1,7 @@
 """Optimizer state in host memory (train.offload_optimizer): bitwise the same parameters, norms and optimizer state as
 without it, for bucketed all-reduce, ZeRO-1 and FSDP2 on 2 and 4 gloo ranks; a resume that switches it on or off
 continues bitwise."""
+import dataclasses
 import functools
 import json
 
@@ -80,3 +81,21 @@ def test_resume_switching_offload_continues_bitwise(tmp_path, zero, first, secon
     assert sorted(a.entries) == sorted(b.entries) and any("exp_avg" in name for name in a.entries)
     for name in a.entries:
         assert a.get(name).equal(b.get(name)), f"{name} differs after the resume that switched offload"
+
+
+def test_forward_units_cover_every_parameter_in_forward_order():
+    """The deferred offloaded step gates each forward unit on its parameters' buckets: every trained parameter must
+    belong to a unit (else the forward could read it mid-update), the chunk's own (embedding, norm, head) first."""
+    import torch
+
+    from megalysses.models.gpt import GPT
+    from megalysses.optim import forward_units
+    from test_data_parallel import CFG
+
+    for tie in (True, False):
+        model = torch.nn.ModuleList([GPT(dataclasses.replace(CFG, tie_embeddings=tie))])
+        blocks = list(model[0].blocks.values())
+        units = forward_units(model, blocks)
+        assert [m for m, _ in units] == [model[0], *blocks]
+        covered = [id(p) for _, params in units for p in params]
+        assert sorted(covered) == sorted(id(p) for p in model.parameters())  # each exactly once

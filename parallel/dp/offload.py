@@ -17,37 +17,44 @@ REGISTER_CHUNK_BYTES = 16 * 2**30
 
 
 class HostArena:
-    """One fp32 host buffer of exactly the requested size, page-locked (cudaHostRegister) when the device is a GPU so
-    copies to and from it run asynchronously on copy engines. torch's pinned allocator would round each request up
-    to a power of two: 90 GiB of optimizer state would pin 128 GiB."""
+    """fp32 host blocks of (len(STATE_ROWS), n) for the given lengths, in one buffer of exactly their size,
+    page-locked (cudaHostRegister) when the device is a GPU so copies to and from them run asynchronously on copy
+    engines. torch's pinned allocator would round each request up to a power of two: 90 GiB of optimizer state would
+    pin 128 GiB. The buffer is registered in pieces of at most REGISTER_CHUNK_BYTES that end on block boundaries
+    (a copy must lie within one registration)."""
 
-    def __init__(self, numel: int, device: torch.device):
-        self.data = torch.zeros(numel, dtype=torch.float32)  # (numel,), pageable until registered
+    def __init__(self, lengths: Sequence[int], device: torch.device):
+        sizes = [len(STATE_ROWS) * n for n in lengths]
+        self.data = torch.zeros(sum(sizes), dtype=torch.float32)  # (sum of 3 n,), pageable until registered
+        self.blocks, offset = [], 0
+        for n, size in zip(lengths, sizes):
+            self.blocks.append(self.data[offset:offset + size].view(len(STATE_ROWS), n))
+            offset += size
         self._pinned: list[int] = []  # base addresses registered with the driver
-        if device.type == "cuda" and numel:
-            self._pin()
+        if device.type == "cuda" and self.data.numel():
+            self._pin(sizes)
             weakref.finalize(self, _unpin, list(self._pinned), self.data)  # the buffer lives until unregistered
 
-    def _pin(self) -> None:
-        cudart, base, nbytes = torch.cuda.cudart(), self.data.data_ptr(), self.data.numel() * 4
-        for start in range(0, nbytes, REGISTER_CHUNK_BYTES):
-            size = min(REGISTER_CHUNK_BYTES, nbytes - start)
-            err = cudart.cudaHostRegister(base + start, size, 0)
+    def _pin(self, sizes: Sequence[int]) -> None:
+        """Register runs of whole blocks, each run at most REGISTER_CHUNK_BYTES (or one block, if larger)."""
+        cudart, base = torch.cuda.cudart(), self.data.data_ptr()
+        runs, start, end = [], 0, 0  # byte ranges [start, end)
+        for size in sizes:
+            if end > start and end + 4 * size - start > REGISTER_CHUNK_BYTES:
+                runs.append((start, end))
+                start = end
+            end += 4 * size
+        runs.append((start, end))
+        for start, end in runs:
+            err = cudart.cudaHostRegister(base + start, end - start, 0)
             if int(err) != 0:
                 _unpin(self._pinned, self.data)
-                raise RuntimeError(f"page-locking {nbytes / 2**30:.1f} GiB of host memory for the offloaded optimizer "
-                                   f"state failed (CUDA error {int(err)}) after {start / 2**30:.1f} GiB: the host "
-                                   "lacks that much lockable memory (see `ulimit -l` and free memory); train with "
-                                   "train.offload_optimizer=false, or spread the state over more ranks (ZeRO-1)")
+                raise RuntimeError(f"page-locking {self.data.numel() * 4 / 2**30:.1f} GiB of host memory for the "
+                                   f"offloaded optimizer state failed (CUDA error {int(err)}) after "
+                                   f"{start / 2**30:.1f} GiB: the host lacks that much lockable memory (see "
+                                   "`ulimit -l` and free memory); train with train.offload_optimizer=false, or spread "
+                                   "the state over more ranks (ZeRO-1)")
             self._pinned.append(base + start)
-
-    def blocks(self, lengths: Sequence[int]) -> list[torch.Tensor]:
-        """Consecutive (len(STATE_ROWS), n) views of the arena, one per length (the arena holds their sum x 3)."""
-        out, offset = [], 0
-        for n in lengths:
-            out.append(self.data[offset:offset + len(STATE_ROWS) * n].view(len(STATE_ROWS), n))
-            offset += len(STATE_ROWS) * n
-        return out
 
 
 def _unpin(addresses: list[int], _buffer: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -53,8 +53,8 @@ class DistributedOptimizer:
         self._blocks: dict[Bucket, torch.Tensor] = {}   # offload: bucket -> host (3, hi - lo) of STATE_ROWS
         owned = [grad_sync.owned_range(bucket) for bucket in grad_sync.buckets]
         if offload:  # one exactly sized, page-locked host arena holds every bucket's block
-            self._arena = HostArena(len(STATE_ROWS) * sum(hi - lo for lo, hi in owned), self.device)
-            self._blocks = dict(zip(grad_sync.buckets, self._arena.blocks([hi - lo for lo, hi in owned])))
+            self._arena = HostArena([hi - lo for lo, hi in owned], self.device)
+            self._blocks = dict(zip(grad_sync.buckets, self._arena.blocks))
         for bucket, (lo, hi) in zip(grad_sync.buckets, owned):
             self._masters[bucket] = (self._blocks[bucket][0] if offload else
                                      torch.zeros(hi - lo, dtype=torch.float32, device=self.device))
@@ -78,6 +78,7 @@ class DistributedOptimizer:
         self.optimizer = optimizer_cls(inner_groups, **defaults)
         self._grads_zeroed = False  # the last (offloaded, deferred) step zeroed the main gradients itself
         self._stepped: dict[int, Any] = {}  # bucket index -> the mark its deferred step recorded
+        self._forward_order: list[Bucket] = []  # the buckets in the order the forward needs them (wait_for_step)
         if offload:
             self._staging = HostStaging(self.device, max(b.numel() for b in self._blocks.values()))
             self._init_offloaded_state()
@@ -146,7 +147,7 @@ class DistributedOptimizer:
         run, so streaming the later layers' state overlaps the earlier layers' forward. Each bucket's main gradients
         are zeroed right after its step, on that stream."""
         staging, deferred = self._staging, self.sync.shards == 1
-        buckets = self.sync.buckets[::-1] if deferred else self.sync.buckets  # forward order: embedding first
+        buckets = (self._forward_order or self.sync.buckets[::-1]) if deferred else self.sync.buckets
         staging.begin()
         gathers = []
         with staging.stepping(deferred):
@@ -166,14 +167,18 @@ class DistributedOptimizer:
         self._grads_zeroed = deferred
         self._land(gathers)
 
-    def wait_for_step(self, modules: Iterable[torch.nn.Module]) -> None:
-        """Before each of these modules runs forward, the compute stream waits for the deferred step of the buckets
-        holding its own parameters (nothing to wait for on a CPU or before the first step)."""
-        for module in modules:
-            mine = sorted({self.sync.buffer_range(p)[0].index for p in module.parameters(recurse=False)
-                           if self.sync.holds(p)})
+    def wait_for_step(self, units: Sequence[tuple[torch.nn.Module, Sequence[torch.nn.Parameter]]]) -> None:
+        """`units` in forward order, each (module, the parameters it uses): before a module runs forward, the compute
+        stream waits for the deferred step of the buckets holding those parameters (nothing to wait for on a CPU or
+        before the first step); the deferred step streams the buckets in that order."""
+        first_use: dict[int, int] = {}  # bucket index -> the first unit that needs it
+        for position, (module, params) in enumerate(units):
+            mine = sorted({self.sync.buffer_range(p)[0].index for p in params if self.sync.holds(p)})
+            for index in mine:
+                first_use.setdefault(index, position)
             if mine:
                 module.register_forward_pre_hook(functools.partial(self._await_buckets, mine))
+        self._forward_order = sorted(self.sync.buckets, key=lambda b: (first_use.get(b.index, len(units)), -b.index))
 
     def _await_buckets(self, indices: list[int], *_) -> None:
         for index in indices:

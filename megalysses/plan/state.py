@@ -202,6 +202,6 @@ def _fsdp_state(params: list[LocalParam], layout: ParallelLayout, param_dtype_by
                   gathered_grads_fp32=sum(p.numel for p in params) * FP32,
                   largest_param_grad=max(p.numel for p in params) * param_dtype_bytes)
     if offload:  # CPUOffloadPolicy: sharded parameters, gradients and moments live on the host
-        return StateBytes(**common, host_params=padded * FP32, host_grads=padded * FP32,
+        return StateBytes(**common, host_params=padded * FP32, host_grads=held * FP32,
                           host_moments=held * MOMENT_BYTES)
-    return StateBytes(**common, params=padded * FP32, main_grads=padded * FP32, moments=held * MOMENT_BYTES)
+    return StateBytes(**common, params=padded * FP32, main_grads=held * FP32, moments=held * MOMENT_BYTES)

@@ -118,9 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         world = args.gpus or cfg.train.nproc
-        if args.gpus and not args.search and cfg.layout.dp is not None:
+        if args.gpus and cfg.layout.dp is not None:  # the layout file fixed dp for its own world: re-infer it
             cfg = dataclasses.replace(cfg, layout=dataclasses.replace(cfg.layout, dp=None))
-        cfg.check(world)
+        if not args.search:  # the search tries its own layouts
+            cfg.check(world)
         capacity = capacity_from_args(args, world)
         if args.rates:
             print("\n".join(f"  {k}: {v}" for k, v in rate_sources(args.device).items()))

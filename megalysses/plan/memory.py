@@ -2,6 +2,7 @@
 on the device and on the host, against their capacities."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,8 +26,13 @@ def offload_optimizer(cfg: RunConfig) -> bool:
 def in_flight_micro_batches(layout: ParallelLayout, micro_batches: int, pp_rank: int) -> int:
     """Most chunk forwards whose backward has not run yet on this pipeline rank, over the step's schedule (1 under
     1F1B with pp = 1; every micro-batch under GPipe; up to pp on the first stage under 1F1B)."""
+    return _in_flight(layout.schedule, layout.pp, layout.vpp, micro_batches, pp_rank)
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_flight(schedule: str, pp: int, vpp: int, micro_batches: int, pp_rank: int) -> int:
     live = peak = 0
-    for action in schedule_actions(layout.schedule, layout.pp, layout.vpp, micro_batches, pp_rank):
+    for action in schedule_actions(schedule, pp, vpp, micro_batches, pp_rank):
         live += 1 if action.kind == "F" else -1
         peak = max(peak, live)
     return peak
@@ -126,7 +132,9 @@ def plan_memory(cfg: RunConfig, world: int, device_capacity: Optional[int] = Non
     cuda = cfg.train.device == "cuda"
     eager = (not cuda) if eager is None else eager
     best = None
-    for pp_rank in range(layout.pp):
+    # evenly split stages: the first rank (embedding, most micro-batches in flight) or the last (head, loss) is fullest
+    ranks = range(layout.pp) if layout.stage_layers is not None else sorted({0, layout.pp - 1})
+    for pp_rank in ranks:
         device, host, state = _rank_plan(cfg, layout, pp_rank, eager, cuda)
         if best is None or sum(device.values()) > sum(best[0].values()):
             best = (device, host, state, pp_rank)

@@ -103,7 +103,8 @@ def resolve_auto(cfg: RunConfig, world: int, capacity: Capacity) -> tuple[RunCon
         raise ConfigError(f"memory {', '.join(keys)} = auto: no choice fits {capacity.describe()}; the smallest, "
                           f"{describe_memory(smallest.cfg.memory)}, needs:\n{smallest.memory_plan.breakdown()}\n"
                           f"{nearest_fit(cfg, world, capacity)}")
-    faster = sorted((c for c in tried if c.time.seconds < best.time.seconds), key=lambda c: c.time.seconds)
+    faster = sorted((c for c in tried if c.time.seconds < best.time.seconds and not c.fits),
+                    key=lambda c: c.time.seconds)
     why = (f"the fastest predicted to fit ({best.memory_plan.device_total / GIB:.1f} GiB of "
            f"{capacity.device_bytes / GIB:.1f} GiB, {best.time.tokens_per_s:,.0f} tokens/s per device, "
            f"MFU {best.time.mfu:.1%})") if capacity.device_bytes else "the fastest predicted"

@@ -150,3 +150,62 @@ def test_whole_model_activations_match_the_plan(memory):
     plan = plan_memory(cfg, 1, eager=True)
     saved = sum(v for k, v in plan.device.items() if k.startswith(("activations", "head")))
     assert saved == pytest.approx(sum(kept.values()), rel=0.02)
+
+
+def _saved_by_parallel_block(rank: int, world: int, layout: ParallelLayout, cfg: GPTConfig,
+                             savers: list) -> list[tuple[int, int]]:
+    """Per saver, (device, host) bytes one block of this rank saves under a parallel layout (gloo ranks)."""
+    from megalysses.models import memory as memory_module
+    from megalysses.parallel import ParallelMesh
+
+    mesh = ParallelMesh(layout)
+    shard = layout.sp * (layout.tp if layout.tp_sequence_parallel else 1)
+    out = []
+    for memory in savers:
+        model = GPT(cfg, mesh, memory=memory)
+        positions = torch.arange(S).expand(B, S)[:, mesh.rank("sp") * (S // layout.sp):][:, :S // layout.sp]
+        x = torch.randn(B, S // shard, cfg.hidden_size, requires_grad=True)
+        cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+        docs = model.documents(positions)
+        skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), cos, sin)}
+        kept, host = {}, []
+        original = memory_module._pack_to_host
+
+        def counting_pack(t, original=original):
+            host.append(t.numel() * t.element_size())
+            return original(t)
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in skip:
+                kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        memory_module._pack_to_host = counting_pack
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model.run_block(next(iter(model.blocks.values())), x, cos, sin, docs)
+        finally:
+            memory_module._pack_to_host = original
+        out.append((sum(kept.values()), sum(host)))
+    return out
+
+
+PARALLEL_CASES = {
+    "sp2": (ParallelLayout(sp=2), CFG),
+    "sp2-replicated-kv": (ParallelLayout(sp=2), dataclasses.replace(CFG, num_kv_heads=1)),
+    "tp2": (ParallelLayout(tp=2), CFG),
+    "tp2-sequence-parallel": (ParallelLayout(tp=2, tp_sequence_parallel=True), CFG),
+}
+
+
+@pytest.mark.parametrize("case", list(PARALLEL_CASES))
+def test_savers_under_parallel_layouts_keep_what_the_model_predicts(case):
+    """Ulysses (new tensors from each all-to-all, kv heads replicated when fewer than sp) and tensor parallelism
+    (sharded heads and MLP, the tp-sequence gather saved by the column layers) per saver, on 2 gloo ranks."""
+    layout, cfg = PARALLEL_CASES[case]
+    results = run_ranks(_saved_by_parallel_block, 2, layout, cfg, SAVERS)
+    shapes = Shapes(cfg, layout.resolve(2), B, S, 4, eager=True)
+    for memory, per_rank in zip(SAVERS, zip(*results)):
+        predicted = block_memory(shapes, memory)
+        for device, host in per_rank:
+            assert (sum(predicted.device.values()), sum(predicted.host.values())) == (device, host), memory

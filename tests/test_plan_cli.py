@@ -108,3 +108,17 @@ def test_auto_memory_keys_load_and_unresolved_auto_is_refused_by_the_model():
     with pytest.raises(Exception, match="expected int or one of 'auto'"):
         load_run_config("quickstart", ["memory.mlp_tiles=many"])
     assert MemoryConfig(recompute="auto", offload_activations=True)  # the planner skips 'none' for it
+
+
+def _trainer_memory(rank: int, world: int, cfg):
+    from megalysses.trainer import Trainer
+
+    return Trainer(cfg).cfg.memory
+
+
+def test_the_trainer_resolves_auto_for_a_library_caller():
+    from megalysses.parallel.launch import run_ranks
+
+    cfg = load_run_config("quickstart", ["layout=single", "train.nproc=1", *AUTO])
+    (memory,) = run_ranks(_trainer_memory, 1, cfg)
+    assert not memory.auto_keys() and memory.recompute in ("none", "selective", "around_core", "full")

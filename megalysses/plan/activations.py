@@ -72,6 +72,7 @@ class Shapes:
         out["core.q"], out["core.k"], out["core.v"] = T * q * a, T * core_kv * sp * hd * a, T * core_kv * sp * hd * a
         out["core.output"] = T * q * a
         out["core.lse"] = T * heads * FP32
+        out["core.dq_accum"] = T * q * FP32  # flash-style backward: the query gradient accumulated in float32
         out["attn.output"] = T * q * a  # seq-sharded again after the all-to-all back (sp > 1)
         out["gate_up.output"] = T * 2 * f * a
         out["silu"] = T * f * a
@@ -183,12 +184,13 @@ def block_memory(shapes: Shapes, memory: MemoryConfig) -> BlockMemory:
 
 def _gradient_working(shapes: Shapes, tiles: int) -> int:
     """Gradients alive at once inside one block's backward: the MLP's (gate_up and hidden, per tile) or the
-    attention's (q, k, v and the output), with the Ulysses all-to-all send and receive buffers."""
+    attention's (q, k, v, the output, the core's float32 query-gradient accumulator), with the Ulysses all-to-all
+    send and receive buffers."""
     s = shapes.sizes()
     mlp = (s["gate_up.output"] + s["down.input"]) // tiles
     qkv = s["core.q"] + s["core.k"] + s["core.v"]
     a2a = 2 * qkv if shapes.layout.sp > 1 else 0
-    return max(mlp, qkv + s["core.output"] + a2a)
+    return max(mlp, qkv + s["core.output"] + s["core.dq_accum"] + a2a)
 
 
 def dedupe_across_savers(shapes: Shapes, memory: MemoryConfig) -> dict[str, int]:

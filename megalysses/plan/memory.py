@@ -128,6 +128,7 @@ def plan_memory(cfg: RunConfig, world: int, device_capacity: Optional[int] = Non
                 host_capacity: Optional[int] = None, eager: Optional[bool] = None) -> MemoryPlan:
     """The fullest pipeline rank's memory for cfg on `world` ranks (cfg.memory resolved, no 'auto'). eager: the
     elementwise chains run unfused (CPU; default from train.device)."""
+    cfg.memory.require_resolved()
     layout = cfg.layout.resolve(world) if cfg.layout.dp is None else cfg.layout
     cuda = cfg.train.device == "cuda"
     eager = (not cuda) if eager is None else eager

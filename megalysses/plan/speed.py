@@ -149,7 +149,8 @@ def step_time(cfg: RunConfig, layout: ParallelLayout, state: StateBytes, device:
     layers = m.num_layers * stage
     elementwise = _elementwise_bytes(shapes, memory, layers, layout) / (float(rates["elementwise_gbps"]) * 1e9)
     per_micro = {"matmuls + attention": compute, "elementwise": elementwise,
-                 "Ulysses all-to-all": _ulysses(shapes, memory, layers, comm),
+                 "Ulysses all-to-all": _ulysses(shapes, memory, layers, comm,
+                                                float(rates["elementwise_gbps"]) * 1e9),
                  "tensor-parallel collectives": _tensor_parallel(shapes, memory, layers, comm)}
     parts = {k: v * micro for k, v in per_micro.items()}
     busy = sum(parts.values())
@@ -181,13 +182,17 @@ def _elementwise_bytes(shapes: Shapes, memory, layers: float, layout: ParallelLa
     return block * passes * layers + logits
 
 
-def _ulysses(shapes: Shapes, memory, layers: float, comm: _Comm) -> float:
-    """All-to-alls per micro-batch: q, k, v and the output, forward and backward; full recompute re-runs the
-    forward ones."""
+def _ulysses(shapes: Shapes, memory, layers: float, comm: _Comm, copy_bytes_per_s: float) -> float:
+    """All-to-alls per micro-batch: q, k, v and the output, forward and backward (full recompute re-runs the forward
+    ones), each with its pack and unpack copies (a read and a write of the buffer each: about as long as NCCL itself
+    at 32K, scripts/BENCH_NOTES.md)."""
+    if shapes.layout.sp == 1:
+        return 0.0
     s = shapes.sizes()
     qkv, out = s["core.q"] + s["core.k"] + s["core.v"], s["attn.output"]
-    forwards = 2 + (1 if memory.recompute == "full" else 0)
-    return layers * forwards * (comm.all_to_all(qkv) + comm.all_to_all(out))
+    passes = 2 + (1 if memory.recompute == "full" else 0)
+    copies = 4 * (qkv + out) / copy_bytes_per_s
+    return layers * passes * (comm.all_to_all(qkv) + comm.all_to_all(out) + copies)
 
 
 def _tensor_parallel(shapes: Shapes, memory, layers: float, comm: _Comm) -> float:

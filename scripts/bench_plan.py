@@ -4,6 +4,7 @@
     python scripts/bench_plan.py --rows 1,7,8 --core flash
     python scripts/bench_plan.py --rows all            # adds the 1B at 256K (about two minutes more)
     python scripts/bench_plan.py --earlier             # no GPU: the 4 x H200 rows of BENCHMARKS.md, predicted
+    python scripts/bench_plan.py --predict --rows all  # no GPU: the predicted columns of every row
     python scripts/bench_plan.py --tiny                # CPU check of the script: tiny model, gloo, no real numbers
 
 Each row runs `torchrun --nproc-per-node 1 -m megalysses.bench --config gpu-bench <row>` in its own process (its
@@ -108,7 +109,7 @@ def run_rows(indices: list[int], args) -> None:
         name, model, seq, memory, steps = ROWS[i - 1]
         overrides = row_overrides(model, seq, memory, args.core, args.tiny)
         pred_gib, pred_s, chosen = predict(config, overrides, args.device)
-        row = measure(config, overrides, 1 if args.tiny else steps, args.tiny)
+        row = {} if args.predict else measure(config, overrides, 1 if args.tiny else steps, args.tiny)
         meas_gib, meas_s = row.get("peak GiB"), row.get("s/step")
         tokens = row.get("tok/step") or seq
         cells = [str(i), name, str(row.get("seq", seq)), chosen, f"{pred_gib:.1f}",
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="h200", choices=("h200", "h100"), help="rates to predict with")
     parser.add_argument("--tiny", action="store_true", help="CPU check: the quick-start model, short sequences")
     parser.add_argument("--earlier", action="store_true", help="predict the earlier 4-GPU rows (no GPU needed)")
+    parser.add_argument("--predict", action="store_true", help="only the predicted columns (no GPU needed)")
     args = parser.parse_args(argv)
     if args.earlier:
         earlier_rows(args)

@@ -14,6 +14,8 @@ counted as megalysses/metrics.py says):
              bf16 matmul rate measured on this GPU at start-up (8192^3)
   HW TFLOP/s counting the forwards that the memory savers recompute
   peak GiB   most memory allocated on any rank since the length's first step
+  host GiB   most host memory any rank's process has held (peak resident set: offloaded optimizer state and
+             activations, pinned buffers, the Python process itself)
   a2a / coll / p2p   exposed communication, as a share of step time, mean over ranks: the Ulysses all-to-alls,
              the other collectives (gradient reduce / all-gather, loss reduce), pipeline p2p waits (incl. bubble).
              FSDP2 (zero 3) runs its own collectives inside torch: those show in --profile, not here.
@@ -44,7 +46,7 @@ from .train import QUICKSTART, load_checked
 from .trainer import Trainer, with_seq_len
 
 COLUMNS = ("setup", "layout", "dev", "seq", "tok/step", "s/step", "tok/s", "TFLOP/s", "MFU", "MFU/ceil",
-           "HW TFLOP/s", "peak GiB", "a2a", "coll", "p2p")
+           "HW TFLOP/s", "peak GiB", "host GiB", "a2a", "coll", "p2p")
 
 
 def describe_setup(cfg: RunConfig) -> str:
@@ -53,6 +55,7 @@ def describe_setup(cfg: RunConfig) -> str:
     precision = f"fp8-{cfg.train.fp8}" if cfg.train.fp8 != "none" else ("bf16" if cfg.train.dtype == "bfloat16" else "fp32")
     savers = [f"recompute={cfg.memory.recompute}"] if cfg.memory.recompute != "none" else []
     savers += ["offload"] if cfg.memory.offload_activations else []
+    savers += ["optimizer-offload"] if cfg.train.offload_optimizer else []
     savers += [f"{k}={getattr(cfg.memory, k)}" for k in ("mlp_tiles", "loss_tiles") if getattr(cfg.memory, k) > 1]
     size = f"{m.num_params() / 1e9:.2f}B" if m.num_params() >= 1e8 else f"{m.num_params() / 1e6:.1f}M"
     return " ".join([f"{size}/{m.num_layers}L", m.backend, m.attention_core, precision] + savers)
@@ -64,6 +67,13 @@ def random_rows(cfg: RunConfig, mesh: ParallelMesh, seq_len: int, seed: int):
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, seq_len + 1), generator=gen)
     mine = tokens.chunk(mesh.size("dp"))[mesh.rank("dp")]
     return mine[:, :-1], mine[:, 1:], torch.arange(seq_len).expand(mine.shape[0], seq_len)
+
+
+def peak_host_gib() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB), GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Bench:
@@ -102,13 +112,14 @@ class Bench:
         comm = self.mesh.clock.stop()
         # mean exposed communication and slowest wall time over the ranks; largest peak memory
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-        stats = torch.tensor([comm[k] for k in C.CommClock.KINDS] + [elapsed, peak], dtype=torch.float64,
-                             device=self.device)
+        stats = torch.tensor([comm[k] for k in C.CommClock.KINDS] + [elapsed, peak, peak_host_gib()],
+                             dtype=torch.float64, device=self.device)
         shares = C.all_reduce(stats[:3].clone(), self.everyone) / self.world
         slowest = C.all_reduce(stats[3:].clone(), self.everyone, op="max")
-        elapsed, peak = slowest.tolist()
+        elapsed, peak, host = slowest.tolist()
         row = self.row(cfg, seq_len, elapsed / steps, {k: s / steps for k, s in zip(C.CommClock.KINDS, shares.tolist())},
                        peak, losses[-1])
+        row["host GiB"] = host
         if profile is not None:
             row["profile"] = self.profile(batches, cfg, profile, elapsed / steps)
         return row
@@ -188,7 +199,7 @@ def table_row(row: dict) -> str:
             cells.append(f"{v:.3f}")
         elif v is None:
             cells.append("-")
-        elif col == "peak GiB":
+        elif col in ("peak GiB", "host GiB"):
             cells.append(f"{v:.1f}")
         else:
             cells.append(str(v))

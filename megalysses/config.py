@@ -78,6 +78,10 @@ class TrainConfig:
     distribution, values depend on the layout)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the forward/backward pass; master weights and optimizer state stay float32."""
+    offload_optimizer: bool = False
+    """Keep the fp32 master weights and AdamW moments (12 of the 18 bytes per parameter) in pinned host memory.
+    zero 0/1: streamed to the GPU bucket by bucket for the step, bitwise the same result; zero 3: FSDP2 keeps the
+    sharded fp32 parameters, their gradients and the optimizer state on the host and steps there."""
     fp8: Literal["none", "delayed", "current"] = "none"
     """FP8 matmuls through Transformer Engine recipes (needs model.backend 'te'): 'delayed' or 'current' scaling,
     amax reduced over every rank of a pipeline stage ('delayed' calibrates its scales on the first batch when no

@@ -24,16 +24,17 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def _adamw_kwargs(cfg: TrainConfig, params: Sequence[torch.Tensor]) -> dict:
-    """lr, betas, eps, and fused=True when every parameter is on CUDA (the fused kernel's home)."""
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None)
+def _adamw_kwargs(cfg: TrainConfig, device_type: str) -> dict:
+    """lr, betas, eps, and fused=True when training on CUDA (the fused kernel; also on the host for state offloaded
+    there). CPU runs keep torch's default kernel, with or without offload, so the two agree bitwise."""
+    return dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                fused=True if device_type == "cuda" else None)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA) on the model's own parameters; norms and biases (1-D params) get no weight decay."""
-    groups = param_groups(model.parameters(), cfg.weight_decay)
-    return torch.optim.AdamW(groups, **_adamw_kwargs(cfg, [p for g in groups for p in g["params"]]))
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW (fused when training on CUDA) on the model's own parameters; norms and biases (1-D params) get no
+    weight decay."""
+    return torch.optim.AdamW(param_groups(model.parameters(), cfg.weight_decay), **_adamw_kwargs(cfg, device_type))
 
 
 def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainConfig,
@@ -45,15 +46,17 @@ def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainCo
     zero 1: bucketed reduce-scatter; masters and AdamW state sharded over dp x ring x sp; params all-gathered after step.
     zero 3: FSDP2 over dp x ring x sp, one unit per `shard_modules` entry (e.g. the blocks); AdamW on the sharded params.
     train.dtype 'bfloat16' makes the parameters bf16 (masters, main gradients and optimizer state stay fp32).
+    train.offload_optimizer keeps the fp32 masters and AdamW moments in host memory (zero 0/1: streamed through the
+    device for the step, bitwise as without; zero 3: FSDP2's CPU offload, stepped on the host).
     """
     param_dtype: Optional[torch.dtype] = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     if mesh.layout.zero == 3:
-        sync = fully_shard_model(model, mesh, shard_modules, param_dtype)
-        return FullyShardedDataParallel(sync, build_optimizer(model, cfg))
+        sync = fully_shard_model(model, mesh, shard_modules, param_dtype, offload=cfg.offload_optimizer)
+        return FullyShardedDataParallel(sync, build_optimizer(model, cfg, mesh.device_type))
     sync = GradSync(model.parameters(), mesh, bucket_mb=bucket_mb, shard=mesh.layout.zero == 1)
     groups = param_groups(model.parameters(), cfg.weight_decay)
     optimizer = DistributedOptimizer(groups, sync, torch.optim.AdamW, param_dtype=param_dtype,
-                                     **_adamw_kwargs(cfg, sync.params))
+                                     offload=cfg.offload_optimizer, **_adamw_kwargs(cfg, mesh.device_type))
     return BucketedDataParallel(sync, optimizer)
 
 

@@ -44,7 +44,7 @@ def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single device: global token-mean loss over the whole batch, clip, AdamW; per-step norms and final params."""
     model = GPT(CFG)
     model.init_weights(SEED)
-    optimizer, mesh, norms = build_optimizer(model, TRAIN), ParallelMesh.single_device(), []
+    optimizer, mesh, norms = build_optimizer(model, TRAIN, "cpu"), ParallelMesh.single_device(), []
     for step in range(TRAIN.steps):
         batch = batch_of(step)
         valid = batch.labels != IGNORE_INDEX
@@ -72,12 +72,13 @@ def full_value(p: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
     return gather_full(local.detach().float(), param_info(p).shard, mesh.group("tp"))
 
 
-def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "float32"):
-    """The training loop as train.py should run it; returns per-step norms, full params (rank 0) and state bytes."""
+def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "float32", offload: bool = False):
+    """The training loop as train.py should run it; returns per-step norms, full params (rank 0) and state bytes
+    (with the whole optimizer state, rank 0)."""
     mesh = ParallelMesh(layout)
     model = GPT(CFG, mesh)
     model.init_weights(SEED)
-    dp = build_data_parallel(model, mesh, TrainConfig(**{**TRAIN.__dict__, "dtype": dtype}),
+    dp = build_data_parallel(model, mesh, TrainConfig(**{**TRAIN.__dict__, "dtype": dtype, "offload_optimizer": offload}),
                              shard_modules=list(model.blocks.values()), bucket_mb=BUCKET_MB)
     norms = []
     for step in range(TRAIN.steps):
@@ -97,7 +98,9 @@ def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "f
         slack = (mesh.size("dp") * mesh.size("sp") - 1) * len(dp.sync.buckets)
     else:  # FSDP splits each param's dim 0: shards differ by at most one row per param
         slack = sum(p.numel() // p.shape[0] for p in model.parameters()) if layout.zero == 3 else 0
+    states = [{k: v.numpy() for k, v in state.items()} for _, state in dp.param_states()]  # a collective
     stats = {"moments": moments, "slack_numel": slack, "tp_rank": mesh.rank("tp"),
+             "states": states if rank == 0 else None, "host_bytes": dp.host_bytes(),
              "local_numel": sum(p.numel() for p in model.parameters()),  # a DTensor's numel: the TP-local numel
              "param_dtypes": {str(p.dtype) for p in model.parameters()}}
     return norms, params if rank == 0 else None, stats

@@ -112,7 +112,7 @@ def _run(model, sync, optimizer, steps=3):
 def test_master_weight_optimizer_matches_torch_adamw():
     """Flat runs of owned elements, in two weight-decay groups, update exactly like AdamW on whole params."""
     ref, model = tiny_gpt(), tiny_gpt()
-    _run(ref, None, build_optimizer(ref, TRAIN))
+    _run(ref, None, build_optimizer(ref, TRAIN, "cpu"))
     dp = build_data_parallel(model, SOLO, TRAIN, bucket_mb=0.01)
     sync, optimizer = dp.sync, dp.optimizer
     assert isinstance(optimizer, DistributedOptimizer)
@@ -124,7 +124,7 @@ def test_master_weight_optimizer_matches_torch_adamw():
 def test_bf16_params_with_fp32_masters_and_main_grads():
     ref, model = tiny_gpt(), tiny_gpt()
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _run(ref, None, build_optimizer(ref, TRAIN))
+    _run(ref, None, build_optimizer(ref, TRAIN, "cpu"))
     dp = build_data_parallel(model, SOLO, TrainConfig(**{**TRAIN.__dict__, "dtype": "bfloat16"}), bucket_mb=0.01)
     sync, optimizer = dp.sync, dp.optimizer
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -151,7 +151,7 @@ def test_weight_decay_excludes_norms_and_biases():
         n for n, _ in model.named_parameters() if n.endswith(("norm.weight", ".bias")))
     assert all(p.ndim == 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    groups = build_optimizer(model, TRAIN).param_groups
+    groups = build_optimizer(model, TRAIN, "cpu").param_groups
     assert [len(g["params"]) for g in groups] == [len(decay["params"]), len(no_decay["params"])]
     assert any("qkv.bias" in names[id(p)] for p in groups[1]["params"])
 

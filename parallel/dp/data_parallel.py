@@ -11,6 +11,7 @@ import torch
 from ..collectives import CommGroup
 from .fsdp import FSDPGradSync
 from .sync import GradSync
+from .grads import local_values
 from .zero import DistributedOptimizer, optimizer_state_bytes
 
 ParamState = dict[str, torch.Tensor]
@@ -66,6 +67,10 @@ class DataParallel(abc.ABC):
     def state_bytes(self, keys: Optional[Iterable[str]] = None) -> int:
         """Bytes of optimizer state on this rank (all of it, or the state tensors named in keys)."""
 
+    @abc.abstractmethod
+    def host_bytes(self) -> int:
+        """Bytes this rank keeps in host memory for training state (offloaded masters, moments, gradients), else 0."""
+
 
 class _SyncWithOptimizer(DataParallel):
     """What both implementations do alike: a gradient sync (no_sync, finish, clip) and an optimizer stepped at lr."""
@@ -110,6 +115,9 @@ class BucketedDataParallel(_SyncWithOptimizer):
     def state_bytes(self, keys: Optional[Iterable[str]] = None) -> int:
         return self.optimizer.state_bytes(keys)
 
+    def host_bytes(self) -> int:
+        return self.optimizer.host_bytes()
+
 
 class FullyShardedDataParallel(_SyncWithOptimizer):
     """ZeRO 3: the model under FSDP2 (fully_shard_model) and a torch optimizer on its sharded parameters."""
@@ -135,3 +143,11 @@ class FullyShardedDataParallel(_SyncWithOptimizer):
 
     def state_bytes(self, keys: Optional[Iterable[str]] = None) -> int:
         return optimizer_state_bytes(self.optimizer, keys)
+
+    def host_bytes(self) -> int:
+        """The sharded parameters, gradients and optimizer state FSDP's CPU offload keeps on the host."""
+        if not self.sync.offload:
+            return 0
+        tensors = [*self.params, *(p.grad for p in self.params if p.grad is not None),
+                   *(v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+        return sum(t.numel() * t.element_size() for t in map(local_values, tensors) if t.dim() > 0)

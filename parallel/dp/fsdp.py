@@ -26,36 +26,41 @@ def data_parallel_mesh(mesh: ParallelMesh):
 
 
 def fully_shard_model(model: nn.Module, mesh: ParallelMesh, modules: Sequence[nn.Module],
-                      param_dtype: Optional[torch.dtype] = None) -> "FSDPGradSync":
+                      param_dtype: Optional[torch.dtype] = None, offload: bool = False) -> "FSDPGradSync":
     """Shard every parameter over dp x ring x sp with FSDP2: each of `modules` (e.g. the transformer blocks) is one
     all-gather / reduce-scatter unit, the rest of `model` (embedding, final norm, head) the root unit.
 
     TP shards are ordinary tensors local to each tp rank, so FSDP shards them further along dim 0. Gradients are
     summed over dp x ring x sp (divide factor 1: the loss is already the global token-weighted mean). With `param_dtype`
     (e.g. bf16) forward/backward run in that dtype while the sharded fp32 parameters are the master weights and
-    gradients are reduced in fp32. Call after init_weights; returns the GradSync-like handle the loop drives.
+    gradients are reduced in fp32. With `offload` the sharded fp32 parameters (the masters), their gradients and
+    so the optimizer's state live in host memory (FSDP2's CPUOffloadPolicy, pinned on GPUs): each unit is copied to
+    the device for its all-gather and its reduced gradient back, and the optimizer steps on the host.
+    Call after init_weights; returns the GradSync-like handle the loop drives.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # ~1 s to import: only when used
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     infos = {name: param_info(p) for name, p in model.named_parameters()}  # fully_shard replaces the parameters
     dp_sp = data_parallel_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    placement = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     # a container without forward (the ModuleList of pipeline chunks) cannot be a unit: its members are the roots
     roots = list(model.children()) if type(model).forward is nn.Module.forward else [model]
     for module in [*modules, *roots]:  # bottom-up: each call groups the params not claimed by an earlier one
-        fully_shard(module, mesh=dp_sp, mp_policy=policy)
+        fully_shard(module, mesh=dp_sp, mp_policy=policy, offload_policy=placement)
         module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
         module.set_gradient_divide_factor(1.0)
     for name, p in model.named_parameters():
         set_param_info(p, infos[name])
-    return FSDPGradSync(roots, mesh)
+    return FSDPGradSync(roots, mesh, offload)
 
 
 class FSDPGradSync:
     """The GradSync interface (no_sync, finish, clip_grad_norm, zero_grad) for a model under fully_shard_model."""
 
-    def __init__(self, roots: Sequence[nn.Module], mesh: ParallelMesh):
+    def __init__(self, roots: Sequence[nn.Module], mesh: ParallelMesh, offload: bool = False):
         self.roots, self.mesh = list(roots), mesh  # the root FSDP units (the model, or each pipeline chunk)
+        self.offload = offload  # the sharded params, their gradients and the optimizer state live on the host
         self.params = [p for r in self.roots for p in r.parameters() if p.requires_grad]
         self._finished = False
         for root in self.roots:  # whichever zero_grad the loop calls, a forward starts anew
@@ -82,7 +87,8 @@ class FSDPGradSync:
             return
         for p in self.params:
             if param_info(p).grad_sum_over_tp and p.grad is not None:
-                C.all_reduce(local_values(p.grad), self.mesh.group("tp"))
+                grad = local_values(p.grad)  # in host memory under offload: reduced through the device
+                grad.copy_(C.all_reduce(grad.to(self.mesh.device), self.mesh.group("tp")))
         self._finished = True
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -103,11 +109,12 @@ class FSDPGradSync:
         """(param, {'master': the whole (TP-local) fp32 parameter, 'exp_avg', 'exp_avg_sq', 'step'}) for each of
         self.params, its dp x ring x sp shards all-gathered: a collective, iterate it on every rank in step. Before the
         first step the moments are 0 and step is 0."""
+        device = self.mesh.device
         for p in self.params:
             state = optimizer.state.get(p, {})
-            out = {"master": p.full_tensor().float()}
+            out = {"master": whole(p, device).float()}
             for key in MOMENTS:
-                out[key] = state[key].full_tensor() if key in state else torch.zeros_like(out["master"])
+                out[key] = whole(state[key], device) if key in state else torch.zeros_like(out["master"])
             step = state.get("step")
             out["step"] = torch.tensor(0.0) if step is None else step.detach().to("cpu", torch.float32).clone()
             yield p, out
@@ -131,9 +138,27 @@ class FSDPGradSync:
             optimizer.state[p] = {"step": step, **{k: shard_like(s[k], p) for k in MOMENTS}}  # incremented in place
 
 
-def shard_like(full: torch.Tensor, param) -> torch.Tensor:
-    """A whole (TP-local) tensor cut into `param`'s dp x ring x sp DTensor shard, as fully_shard cuts it (no communication)."""
-    from torch.distributed.tensor import distribute_tensor
+def whole(t, device: torch.device) -> torch.Tensor:
+    """The whole (TP-local) tensor of a dp x ring x sp-sharded DTensor, gathered on `device` (its shards may live in
+    host memory under offload, where the collective cannot read them)."""
+    from torch.distributed.tensor import DTensor
 
-    full = full.to(device=param.device, dtype=torch.float32)
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    local = t.to_local()
+    if local.device != device:
+        t = DTensor.from_local(local.to(device), t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor()
+
+
+def shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """A whole (TP-local) tensor cut into `param`'s dp x ring x sp DTensor shard, as fully_shard cuts it, held where
+    param's shard is held (device, or host under offload); no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    home = param.to_local().device
+    full = full.to(device=param.device_mesh.device_type, dtype=torch.float32)
+    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    if shard.to_local().device == home:
+        return shard
+    return DTensor.from_local(shard.to_local().to(home), param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())

@@ -87,5 +87,6 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float, mesh: 
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
-            local_values(p.grad).mul_(scale.to(p.grad.dtype))
+            grad = local_values(p.grad)  # in host memory under FSDP offload
+            grad.mul_(scale.to(device=grad.device, dtype=grad.dtype))
     return norm

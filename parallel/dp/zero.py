@@ -1,6 +1,8 @@
-"""DistributedOptimizer: fp32 master weights + optimizer state for the gradient elements this rank owns (ZeRO-1)."""
+"""DistributedOptimizer: fp32 master weights + optimizer state for the gradient elements this rank owns (ZeRO-1),
+on the device or in host memory."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -8,6 +10,7 @@ import torch
 from .. import collectives as C
 from .buffers import Bucket, Segment
 from .grads import local_values
+from .offload import STATE_ROWS, HostArena, HostStaging
 from .state import MOMENTS, check_state_shapes
 from .sync import GradSync
 
@@ -24,11 +27,18 @@ class DistributedOptimizer:
     The inner optimizer sees one flat tensor per run of owned elements that share a parameter group, aliasing the
     master chunk and the main-gradient buffer; elementwise optimizers (Adam, AdamW, SGD) then update each element
     exactly as they would on the whole parameter. Norm/statistics optimizers (LAMB, Shampoo) would not.
+
+    With `offload` (AdamW only) the masters and moments of each bucket chunk live in one (3, n) block of pinned host
+    memory; step() streams the blocks to the device one bucket at a time (the next one's copy in flight), runs the
+    same inner optimizer there on the device's main gradients, refreshes the parameters and streams the block back.
+    Every element sees the same kernel and inputs as without offload, so the result is bitwise the same.
     """
 
     def __init__(self, param_groups: Iterable[dict[str, Any]], grad_sync: GradSync,
-                 optimizer_cls: type = torch.optim.AdamW, param_dtype: Optional[torch.dtype] = None, **defaults):
-        self.sync = grad_sync
+                 optimizer_cls: type = torch.optim.AdamW, param_dtype: Optional[torch.dtype] = None,
+                 offload: bool = False, **defaults):
+        self.sync, self.offload = grad_sync, offload
+        self.device = grad_sync.params[0].device
         param_groups = list(param_groups)
         group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
         synced = {id(p) for p in grad_sync.params}
@@ -39,21 +49,35 @@ class DistributedOptimizer:
                              "model.parameters() (requires_grad only)")
         self._segments = grad_sync.owned_segments()
         self._masters: dict[Bucket, torch.Tensor] = {}  # bucket -> fp32 owned chunk (hi - lo,)
-        for bucket in grad_sync.buckets:
-            lo, hi = grad_sync.owned_range(bucket)
-            self._masters[bucket] = torch.zeros(hi - lo, dtype=torch.float32, device=grad_sync.params[0].device)
+        self._blocks: dict[Bucket, torch.Tensor] = {}   # offload: bucket -> host (3, hi - lo) of STATE_ROWS
+        owned = [grad_sync.owned_range(bucket) for bucket in grad_sync.buckets]
+        if offload:  # one exactly sized, page-locked host arena holds every bucket's block
+            self._arena = HostArena(len(STATE_ROWS) * sum(hi - lo for lo, hi in owned), self.device)
+            self._blocks = dict(zip(grad_sync.buckets, self._arena.blocks([hi - lo for lo, hi in owned])))
+        for bucket, (lo, hi) in zip(grad_sync.buckets, owned):
+            self._masters[bucket] = (self._blocks[bucket][0] if offload else
+                                     torch.zeros(hi - lo, dtype=torch.float32, device=self.device))
         with torch.no_grad():
             for seg in self._segments:
                 values = seg.param.detach().reshape(-1)[seg.param_lo:seg.param_hi]
                 self.master(seg.bucket, seg.lo, seg.hi).copy_(values)
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in param_groups]
         self._flats: list[tuple[Bucket, int, int, torch.nn.Parameter]] = []  # (bucket, lo, hi, inner param)
+        self._grads: dict[int, torch.Tensor] = {}  # id(flat) -> its main-gradient slice
         for first, last, group in self._runs(group_of):
             flat = torch.nn.Parameter(self.master(first.bucket, first.lo, last.hi))  # aliases the master chunk
-            flat.grad = first.buffer.data[first.lo:last.hi]
+            self._grads[id(flat)] = first.buffer.data[first.lo:last.hi]
+            if not offload:  # offloaded flats live in host memory: their device gradient is attached while stepping
+                flat.grad = self._grads[id(flat)]
             inner_groups[group]["params"].append(flat)
             self._flats.append((first.bucket, first.lo, last.hi, flat))
+        self._bucket_flats = {b.index: [(lo, hi, f) for bb, lo, hi, f in self._flats if bb is b]
+                              for b in grad_sync.buckets}
+        self._bucket_segments = {b.index: [s for s in self._segments if s.bucket is b] for b in grad_sync.buckets}
         self.optimizer = optimizer_cls(inner_groups, **defaults)
+        if offload:
+            self._staging = HostStaging(self.device)
+            self._init_offloaded_state()
         if param_dtype is not None:  # masters keep the fp32 values; the model computes in param_dtype
             for p in grad_sync.params:
                 p.data = p.data.to(param_dtype)
@@ -80,29 +104,104 @@ class DistributedOptimizer:
         """The inner optimizer's groups (set group['lr'] here for schedules)."""
         return self.optimizer.param_groups
 
+    def _init_offloaded_state(self) -> None:
+        """AdamW's state of every flat, created up front as views of the host blocks (it would create it lazily, on
+        the device, at the first step); `step` stays where the inner optimizer keeps it."""
+        for group in self.optimizer.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            if set(self.optimizer.defaults) >= {"betas", "amsgrad"} and group.get("amsgrad"):
+                raise ValueError("optimizer offload holds AdamW's exp_avg and exp_avg_sq: amsgrad is not supported")
+            for flat in group["params"]:
+                self.optimizer.state[flat] = {"step": self._step_tensor(0.0, on_device),
+                                              **self._host_moments(flat)}
+
+    def _host_moments(self, flat: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """Views of the host block rows that hold this flat's moments."""
+        bucket, lo, hi = next((b, lo, hi) for b, lo, hi, f in self._flats if f is flat)
+        own_lo = self.sync.owned_range(bucket)[0]
+        block = self._blocks[bucket]
+        return {key: block[STATE_ROWS.index(key), lo - own_lo:hi - own_lo] for key in MOMENTS}
+
+    def _step_tensor(self, value: float, on_device: bool) -> torch.Tensor:
+        """AdamW's step count as it keeps it: on the device for the fused/capturable kernels, else a CPU scalar."""
+        return torch.tensor(value, dtype=torch.float32, device=self.device if on_device else "cpu")
+
     @torch.no_grad()
     def step(self) -> None:
         """Update the owned masters from the (summed, clipped) main gradients, then refresh every parameter."""
-        self.optimizer.step()
-        if self.sync.shards == 1:
-            for seg in self._segments:
-                seg.param.detach().view(-1)[seg.param_lo:seg.param_hi].copy_(self.master(seg.bucket, seg.lo, seg.hi))
+        if self.offload:
+            self._streamed_step()
             return
-        self._all_gather_params()
+        self.optimizer.step()
+        self._land([self._publish(bucket, self._masters[bucket]) for bucket in self.sync.buckets])
 
-    def _all_gather_params(self) -> None:
-        """Cast each bucket's updated chunk to the parameter dtype and all-gather it over dp x ring x sp into the params."""
+    def _streamed_step(self) -> None:
+        """Offload: fetch bucket i + 1's state block while bucket i steps on the device, then write it back."""
+        buckets, staging = self.sync.buckets, self._staging
+        staging.begin()
         gathers = []
-        for bucket in self.sync.buckets:
-            dtypes = {p.dtype for p in bucket.params}
-            if len(dtypes) != 1:
-                raise TypeError(f"bucket {bucket.index} mixes parameter dtypes {sorted(map(str, dtypes))}: cast the "
-                                "whole model to one dtype (or pass param_dtype) before the first step")
-            flat = torch.empty(bucket.end - bucket.start, dtype=dtypes.pop(), device=self._masters[bucket].device)
-            lo, hi = self.sync.owned_range(bucket)
-            flat[lo - bucket.start:hi - bucket.start].copy_(self._masters[bucket])
-            gathers.append((bucket, flat, C.all_gather_flat_async(flat, self.sync.data_group)))
-        for bucket, flat, pending in gathers:
+        following = staging.fetch(self._blocks[buckets[0]])
+        for i, bucket in enumerate(buckets):
+            staged = following
+            following = staging.fetch(self._blocks[buckets[i + 1]]) if i + 1 < len(buckets) else None
+            block = staging.wait(staged)  # (3, owned elements) on the device
+            with self._stepping_on(bucket, block):
+                self.optimizer.step()
+            gathers.append(self._publish(bucket, block[0]))
+            staging.write_back(block, self._blocks[bucket])
+        staging.end()
+        self._land(gathers)
+
+    @contextlib.contextmanager
+    def _stepping_on(self, bucket: Bucket, block: torch.Tensor) -> Iterator[None]:
+        """The inner optimizer sees only this bucket's flats, their values and moments pointing into the device block
+        and their gradients attached; afterwards they point back into the host block."""
+        own_lo = self.sync.owned_range(bucket)[0]
+        members = self._bucket_flats[bucket.index]
+        for lo, hi, flat in members:
+            flat.data = block[0, lo - own_lo:hi - own_lo]
+            flat.grad = self._grads[id(flat)]
+            state = self.optimizer.state[flat]
+            for key in MOMENTS:
+                state[key] = block[STATE_ROWS.index(key), lo - own_lo:hi - own_lo]
+        groups = self.optimizer.param_groups
+        everyone = [g["params"] for g in groups]
+        ids = {id(flat) for *_, flat in members}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) in ids]
+        try:
+            yield
+        finally:
+            for g, params in zip(groups, everyone):
+                g["params"] = params
+            for lo, hi, flat in members:
+                flat.grad = None
+                flat.data = self.master(bucket, lo, hi)
+                self.optimizer.state[flat].update(self._host_moments(flat))
+
+    def _publish(self, bucket: Bucket, master: torch.Tensor):
+        """Put a bucket's updated owned masters (fp32, on the device) into the parameters: copied in place, or under
+        ZeRO-1 cast to the parameter dtype and all-gathered over dp x ring x sp (returns the pending gather)."""
+        own_lo = self.sync.owned_range(bucket)[0]
+        if self.sync.shards == 1:
+            for seg in self._bucket_segments[bucket.index]:
+                seg.param.detach().view(-1)[seg.param_lo:seg.param_hi].copy_(master[seg.lo - own_lo:seg.hi - own_lo])
+            return None
+        dtypes = {p.dtype for p in bucket.params}
+        if len(dtypes) != 1:
+            raise TypeError(f"bucket {bucket.index} mixes parameter dtypes {sorted(map(str, dtypes))}: cast the "
+                            "whole model to one dtype (or pass param_dtype) before the first step")
+        flat = torch.empty(bucket.end - bucket.start, dtype=dtypes.pop(), device=master.device)
+        lo, hi = self.sync.owned_range(bucket)
+        flat[lo - bucket.start:hi - bucket.start].copy_(master)
+        return bucket, flat, C.all_gather_flat_async(flat, self.sync.data_group)
+
+    def _land(self, gathers) -> None:
+        """Wait for the ZeRO-1 all-gathers and copy each bucket's gathered values into its parameters."""
+        for gather in gathers:
+            if gather is None:
+                continue
+            bucket, flat, pending = gather
             pending.wait()
             for p in bucket.params:
                 _, start, end = self.sync.buffer_range(p)
@@ -120,6 +219,10 @@ class DistributedOptimizer:
         """Bytes of fp32 master weights on this rank (padding included)."""
         return sum(m.numel() * m.element_size() for m in self._masters.values())
 
+    def host_bytes(self) -> int:
+        """Bytes of optimizer state this rank keeps in host memory (the offloaded masters and moments, else 0)."""
+        return sum(b.numel() * b.element_size() for b in self._blocks.values())
+
     # ------------------------------------------------------------------------------------ checkpoint state
 
     @torch.no_grad()
@@ -127,6 +230,8 @@ class DistributedOptimizer:
         """(param, {'master', 'exp_avg', 'exp_avg_sq': fp32 tensors shaped like the param, 'step': 0-d}) for every
         parameter, bucket by bucket; under ZeRO-1 each bucket's owned chunks are all-gathered over dp x ring x sp, so this
         is a collective: iterate it on every rank, in step. Before the first step the moments are 0 and step is 0."""
+        if self.offload:
+            self._staging.settle()  # the last step's write-backs have landed in the host blocks
         step = self._step_count()
         for bucket in self.sync.buckets:
             flats = {key: self._bucket_values(bucket, key) for key in ("master", *MOMENTS)}
@@ -147,7 +252,12 @@ class DistributedOptimizer:
         per index, e.g. one that loads lazily): each rank keeps the masters and moments of the elements it owns and
         every parameter takes its master values (cast to its dtype). No communication."""
         states = state_dict["state"]
-        moments = {id(flat): {k: torch.zeros_like(flat) for k in MOMENTS} for *_, flat in self._flats}
+        if self.offload:
+            self._staging.settle()  # no copy still reads or writes the host blocks
+            for block in self._blocks.values():
+                block[1:].zero_()
+        moments = {id(flat): (self._host_moments(flat) if self.offload else
+                              {k: torch.zeros_like(flat) for k in MOMENTS}) for *_, flat in self._flats}
         runs = {}  # bucket index -> [(lo, hi, flat)]
         for bucket, lo, hi, flat in self._flats:
             runs.setdefault(bucket.index, []).append((lo, hi, flat))
@@ -172,15 +282,12 @@ class DistributedOptimizer:
         for group in self.optimizer.param_groups:
             on_device = bool(group.get("fused") or group.get("capturable"))
             for flat in group["params"]:
-                self.optimizer.state[flat] = {
-                    "step": torch.tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu"),
-                    **moments[id(flat)]}
+                self.optimizer.state[flat] = {"step": self._step_tensor(step, on_device), **moments[id(flat)]}
 
     def _step_count(self) -> torch.Tensor:
         """The inner optimizer's step count (the same for every run; max over dp x ring x sp, as a rank may own none)."""
         steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        device = next(iter(self._masters.values())).device
-        count = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=device)
+        count = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=self.device)
         if self.sync.shards > 1:
             C.all_reduce(count, self.sync.data_group, op="max")
         return torch.tensor(count.item(), dtype=torch.float32)
@@ -196,6 +303,7 @@ class DistributedOptimizer:
                 value = self.optimizer.state.get(flat, {}).get(key)
                 if run_bucket is bucket and value is not None:
                     local[run_lo - lo:run_hi - lo].copy_(value)
+        local = local.to(self.device)  # offloaded state is gathered (and saved) from the device like the rest
         return local if self.sync.shards == 1 else C.all_gather(local, self.sync.data_group)
 
 

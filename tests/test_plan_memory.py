@@ -25,10 +25,10 @@ CFG = GPTConfig(vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, num_k
 BUCKET_MB = 0.02  # ~5k fp32 elements: several buckets, each padded to the shard count
 
 
-def _run_config(layout: ParallelLayout, dtype: str, tied: bool = False) -> RunConfig:
+def _run_config(layout: ParallelLayout, dtype: str, tied: bool = False, offload: bool = False) -> RunConfig:
     return RunConfig(model=dataclasses.replace(CFG, tie_embeddings=tied), layout=layout,
                      train=TrainConfig(global_batch_size=4, micro_batch_size=1, seq_len=16, dtype=dtype,
-                                       init="device", eval_every=0))
+                                       init="device", eval_every=0, offload_optimizer=offload))
 
 
 def _allocated_state(rank: int, world: int, cfg: RunConfig) -> dict:
@@ -52,6 +52,10 @@ def _allocated_state(rank: int, world: int, cfg: RunConfig) -> dict:
         params = sum(p.numel() * p.element_size() for p in trainer.chunks.parameters())
         grads = sum(b.data.numel() * b.data.element_size() for b in trainer.dp.sync.buffers)
         masters = trainer.dp.optimizer.master_bytes()
+    if cfg.train.offload_optimizer:  # masters and moments in host blocks (zero 3: parameters and gradients too)
+        on_device = {} if cfg.layout.zero == 3 else {"params": params, "main_grads": grads}
+        return {**on_device, "host": trainer.dp.host_bytes(),
+                "pp_rank": trainer.mesh.rank("pp"), "data_rank": trainer.mesh.data_group().rank}
     return {"params": params, "main_grads": grads, "masters": masters,
             "moments": trainer.dp.state_bytes(["exp_avg", "exp_avg_sq"]),
             "optimizer_steps": trainer.dp.state_bytes(["step"]),
@@ -65,17 +69,19 @@ STATE_CASES = {
     "dp2-zero3": (2, ParallelLayout(zero=3), "float32", False),
     "tp2-sequence-parallel": (2, ParallelLayout(tp=2, tp_sequence_parallel=True), "bfloat16", False),
     "pp2-tied": (2, ParallelLayout(pp=2), "float32", True),
+    "dp2-zero1-optimizer-offload": (2, ParallelLayout(zero=1), "bfloat16", False, True),
+    "dp2-zero3-optimizer-offload": (2, ParallelLayout(zero=3), "float32", False, True),
 }
 
 
 @pytest.mark.parametrize("case", list(STATE_CASES))
 def test_state_terms_equal_the_trainers_allocations(case):
-    world, layout, dtype, tied = STATE_CASES[case]
-    cfg = _run_config(layout, dtype, tied)
+    world, layout, dtype, tied, *offload = STATE_CASES[case]
+    cfg = _run_config(layout, dtype, tied, bool(offload))
     for real in run_ranks(_allocated_state, world, cfg):
         predicted = state_bytes(cfg.model, cfg.layout.resolve(world), 2 if dtype == "bfloat16" else 4,
                                 pp_rank=real.pop("pp_rank"), data_rank=real.pop("data_rank"), bucket_mb=BUCKET_MB,
-                                cuda=False)
+                                cuda=False, offload_optimizer=bool(offload))
         assert {k: getattr(predicted, k) for k in real} == real, case
 
 

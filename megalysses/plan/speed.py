@@ -236,10 +236,11 @@ def _optimizer(state: StateBytes, layout: ParallelLayout, cfg: RunConfig, rates:
 
 
 def _offload(shapes: Shapes, memory, layers: float, rates: Mapping, busy: float, micro: int) -> float:
-    """Activation copies to the host and back beyond what the side stream hides under the compute."""
+    """Activation copies: to the host on a side stream during the forward (hidden up to the forward's share of the
+    compute), back on the compute stream in backward (models/memory.py's unpack hook: exposed)."""
     if not memory.offload_activations:
         return 0.0
     from .activations import block_memory
 
-    nbytes = sum(block_memory(shapes, memory).host.values()) * layers * micro * 2
-    return max(0.0, nbytes / (float(rates["host_copy_gbps"]) * 1e9) - busy)
+    seconds = sum(block_memory(shapes, memory).host.values()) * layers * micro / (float(rates["host_copy_gbps"]) * 1e9)
+    return seconds + max(0.0, seconds - busy / 3)

@@ -22,6 +22,9 @@ from megalysses.parallel.pipeline import local_virtual_stages, stage_layer_ids
 
 FP32 = 4
 MOMENT_BYTES = 2 * FP32  # AdamW exp_avg + exp_avg_sq per owned element
+STAGED_BLOCKS = 3
+"""Optimizer offload (parallel/dp/offload.py HostStaging): state blocks on the device at once while stepping: the
+bucket stepping, the next one being fetched, the previous one being written back."""
 
 
 @dataclass(frozen=True)
@@ -164,10 +167,11 @@ def _state_bytes(model: GPTConfig, layout: ParallelLayout, param_dtype_bytes: in
     state = dict(params=sum(p.numel for p in params) * param_dtype_bytes, main_grads=grads,
                  largest_bucket=largest, largest_param_grad=max(p.numel for p in params) * param_dtype_bytes)
     masters, moments = owned_padded * FP32, owned * MOMENT_BYTES
-    if offload_optimizer:  # masters and moments in pinned host memory; a window of two buckets staged on the device
-        staging = 2 * (largest // shards) * (FP32 + MOMENT_BYTES)
-        return StateBytes(**state, host_masters=masters, host_moments=moments, optimizer_steps=runs * FP32,
-                          staging=staging)
+    if offload_optimizer:  # one host block (master, exp_avg, exp_avg_sq) per owned bucket chunk, padding included;
+        # while stepping, the device holds the current bucket's block, the next one's fetch and the last write-back
+        staging = STAGED_BLOCKS * (largest // shards) * (FP32 + MOMENT_BYTES)
+        return StateBytes(**state, host_masters=masters, host_moments=owned_padded * MOMENT_BYTES,
+                          optimizer_steps=runs * FP32, staging=staging)
     return StateBytes(**state, masters=masters, moments=moments, optimizer_steps=runs * FP32)
 
 
@@ -202,6 +206,6 @@ def _fsdp_state(params: list[LocalParam], layout: ParallelLayout, param_dtype_by
                   gathered_grads_fp32=sum(p.numel for p in params) * FP32,
                   largest_param_grad=max(p.numel for p in params) * param_dtype_bytes)
     if offload:  # CPUOffloadPolicy: sharded parameters, gradients and moments live on the host
-        return StateBytes(**common, host_params=padded * FP32, host_grads=held * FP32,
+        return StateBytes(**common, host_params=held * FP32, host_grads=held * FP32,
                           host_moments=held * MOMENT_BYTES)
     return StateBytes(**common, params=padded * FP32, main_grads=held * FP32, moments=held * MOMENT_BYTES)

@@ -73,7 +73,8 @@ def test_a_run_that_does_not_fit_is_refused_before_ranks_start(capsys):
 
 def test_nearest_fit_names_savers_that_fit(capsys):
     capacity = Capacity(60 * GIB, None)
-    cfg = load_run_config("gpu-bench", ONE_B_128K)
+    cfg = load_run_config("gpu-bench", ONE_B_128K + ["memory.recompute=none", "memory.offload_activations=false",
+                                                     "memory.mlp_tiles=1", "memory.loss_tiles=1"])
     from megalysses.plan import check_fits
     from megalysses.config import ConfigError
 

@@ -1,6 +1,5 @@
 """The speed model's parts follow each layout (Ulysses all-to-alls, tp collectives, pipeline bubble, ZeRO), the
 optimizer host offload moves the right bytes, and every device rate says where it comes from."""
-import dataclasses
 
 import pytest
 

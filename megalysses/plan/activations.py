@@ -191,8 +191,3 @@ def _gradient_working(shapes: Shapes, tiles: int) -> int:
     qkv = s["core.q"] + s["core.k"] + s["core.v"]
     a2a = 2 * qkv if shapes.layout.sp > 1 else 0
     return max(mlp, qkv + s["core.output"] + s["core.dq_accum"] + a2a)
-
-
-def dedupe_across_savers(shapes: Shapes, memory: MemoryConfig) -> dict[str, int]:
-    """Per-micro-batch tensors every block shares: cos / sin (built once per forward)."""
-    return {"cos_sin": shapes.sizes()["cos_sin"]}

@@ -59,4 +59,5 @@ def capacity_for_run(cfg: RunConfig, world: int) -> Capacity:
         int(os.environ["LOCAL_WORLD_SIZE"])
     per_rank = None if ram is None else int(ram * HOST_SHARE / max(1, local))
     return Capacity(per_rank, None, "h200", local,
-                    label=f"cpu (host RAM shared by {local} rank{'s' if local > 1 else ''}; speed at H200 rates)")
+                    label=f"cpu (host RAM shared by {local} rank{'s' if local > 1 else ''}; speed at H200 rates)",
+                    host_is_device=True)

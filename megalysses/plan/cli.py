@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from megalysses.config import ConfigError, RunConfig, load_run_config
 
 from .memory import GIB
-from .search import Candidate, Capacity, check_fits, describe_memory, longest_sequence, resolve_auto, search
+from .search import Candidate, Capacity, describe_memory, evaluate, longest_sequence, resolve_auto, search
 from .speed import rate_sources
 
 
@@ -47,18 +47,12 @@ def speed_report(candidate: Candidate) -> str:
 def report(cfg: RunConfig, world: int, capacity: Capacity) -> str:
     """The whole plan of one config (memory 'auto' resolved first): summary, memory breakdown, speed."""
     resolved, why = resolve_auto(cfg, world, capacity)
-    candidate = check_fits_or_plan(resolved, world, capacity)
+    candidate = evaluate(resolved, world, capacity)
     lines = [f"megalysses-plan: {capacity.describe()}", summary(resolved, world)]
     if why:
         lines.append(f"  auto    {why}")
     lines += [candidate.memory_plan.breakdown(), speed_report(candidate)]
     return "\n".join(lines)
-
-
-def check_fits_or_plan(cfg: RunConfig, world: int, capacity: Capacity) -> Candidate:
-    from .search import evaluate
-
-    return evaluate(cfg, world, capacity)
 
 
 def search_table(cfg: RunConfig, world: int, capacity: Capacity, top: int) -> str:

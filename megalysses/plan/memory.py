@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalysses.config import RunConfig
-from megalysses.models.config import MemoryConfig
 from megalysses.parallel.layout import ParallelLayout
 from megalysses.parallel.pipeline import stage_layer_ids
 from megalysses.parallel.pipeline.schedules import schedule_actions
@@ -48,6 +47,8 @@ class MemoryPlan:
     host_capacity: Optional[int]
     pp_rank: int
     state: StateBytes
+    host_is_device: bool = False
+    """A CPU run: 'device' and host memory are the same RAM, checked together against the device capacity."""
 
     @property
     def device_total(self) -> int:
@@ -58,7 +59,8 @@ class MemoryPlan:
         return sum(self.host.values())
 
     def fits(self) -> bool:
-        ok_device = self.device_capacity is None or self.device_total <= self.device_capacity
+        used = self.device_total + (self.host_total if self.host_is_device else 0)
+        ok_device = self.device_capacity is None or used <= self.device_capacity
         return ok_device and (self.host_capacity is None or self.host_total <= self.host_capacity)
 
     def breakdown(self) -> str:
@@ -69,7 +71,10 @@ class MemoryPlan:
             if not terms and where == "host":
                 continue
             cap_text = f" of {cap / GIB:.1f} GiB usable" if cap else ""
-            verdict = "" if cap is None else ("  fits" if total <= cap else "  DOES NOT FIT")
+            used = total + (self.host_total if self.host_is_device and where == "device" else 0)
+            if used != total:
+                cap_text += f" (with the host terms, same RAM: {used / GIB:.2f} GiB)"
+            verdict = "" if cap is None else ("  fits" if used <= cap else "  DOES NOT FIT")
             lines.append(f"  {where} per rank (pipeline rank {self.pp_rank}): {total / GIB:.2f} GiB{cap_text}{verdict}")
             for name, value in terms.items():
                 if value:
@@ -125,7 +130,8 @@ def _padded(seq_len: int, unit: int) -> int:
 
 
 def plan_memory(cfg: RunConfig, world: int, device_capacity: Optional[int] = None,
-                host_capacity: Optional[int] = None, eager: Optional[bool] = None) -> MemoryPlan:
+                host_capacity: Optional[int] = None, eager: Optional[bool] = None,
+                host_is_device: bool = False) -> MemoryPlan:
     """The fullest pipeline rank's memory for cfg on `world` ranks (cfg.memory resolved, no 'auto'). eager: the
     elementwise chains run unfused (CPU; default from train.device)."""
     cfg.memory.require_resolved()
@@ -140,10 +146,4 @@ def plan_memory(cfg: RunConfig, world: int, device_capacity: Optional[int] = Non
         if best is None or sum(device.values()) > sum(best[0].values()):
             best = (device, host, state, pp_rank)
     device, host, state, pp_rank = best
-    return MemoryPlan(device, host, device_capacity, host_capacity, pp_rank, state)
-
-
-def with_memory(cfg: RunConfig, memory: MemoryConfig) -> RunConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, memory=memory)
+    return MemoryPlan(device, host, device_capacity, host_capacity, pp_rank, state, host_is_device)

@@ -16,7 +16,7 @@ def prepare_run(cfg: RunConfig, world: int, seq_lens: Sequence[int] = (), check:
     """(cfg with memory resolved, why it was chosen or ''); raises ConfigError when the run is predicted not to fit
     (at each of seq_lens too) and `check` is on. On CPU the capacity is this machine's RAM shared by the ranks."""
     capacity = capacity_for_run(cfg, world)
-    cfg, why = resolve_auto(cfg, world, capacity)
+    cfg, why = resolve_auto(cfg, world, capacity, require_fit=check)
     if check:
         for seq_len in seq_lens or [cfg.train.seq_len]:
             check_fits(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len)), world,

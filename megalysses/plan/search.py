@@ -32,6 +32,8 @@ class Capacity:
     ranks_per_host: int = 1
     label: str = ""
     """What the capacity is, when not a GPU of `device` (e.g. the host RAM of a CPU run)."""
+    host_is_device: bool = False
+    """A CPU run: what is 'offloaded' stays in the same RAM as everything else."""
 
     def describe(self) -> str:
         host = f", host {self.host_bytes / GIB:.0f} GiB per rank" if self.host_bytes else ""
@@ -56,7 +58,8 @@ class Candidate:
 def evaluate(cfg: RunConfig, world: int, capacity: Capacity) -> Candidate:
     """Memory and speed of a concrete config (no 'auto' left) on `world` ranks."""
     layout = cfg.layout.resolve(world) if cfg.layout.dp is None else cfg.layout
-    plan = plan_memory(dataclasses.replace(cfg, layout=layout), world, capacity.device_bytes, capacity.host_bytes)
+    plan = plan_memory(dataclasses.replace(cfg, layout=layout), world, capacity.device_bytes, capacity.host_bytes,
+                       host_is_device=capacity.host_is_device)
     return Candidate(cfg, layout, plan, step_time(cfg, layout, plan.state, capacity.device))
 
 
@@ -91,18 +94,22 @@ def describe_memory(memory: MemoryConfig) -> str:
             f"mlp_tiles={memory.mlp_tiles} loss_tiles={memory.loss_tiles}")
 
 
-def resolve_auto(cfg: RunConfig, world: int, capacity: Capacity) -> tuple[RunConfig, str]:
+def resolve_auto(cfg: RunConfig, world: int, capacity: Capacity, require_fit: bool = True) -> tuple[RunConfig, str]:
     """cfg with every memory 'auto' replaced by the fastest choice predicted to fit, and why; cfg itself (and '')
-    when nothing is 'auto'. Raises ConfigError when no choice fits."""
+    when nothing is 'auto'. When no choice fits: ConfigError, or with require_fit=False the smallest choice."""
     keys = cfg.memory.auto_keys()
     if not keys:
         return cfg, ""
     best, tried = best_savers(cfg, world, capacity)
     if best is None:
         smallest = min(tried, key=lambda c: c.memory_plan.device_total)
+        if not require_fit:
+            return smallest.cfg, (f"memory: {describe_memory(smallest.cfg.memory)}: no choice is predicted to fit "
+                                  f"{capacity.describe()}; the smallest ({smallest.memory_plan.device_total / GIB:.1f}"
+                                  " GiB) is taken")
         raise ConfigError(f"memory {', '.join(keys)} = auto: no choice fits {capacity.describe()}; the smallest, "
                           f"{describe_memory(smallest.cfg.memory)}, needs:\n{smallest.memory_plan.breakdown()}\n"
-                          f"{nearest_fit(cfg, world, capacity)}")
+                          f"{nearest_fit(cfg, world, capacity)}\n(--skip-memory-check starts it anyway)")
     faster = sorted((c for c in tried if c.time.seconds < best.time.seconds and not c.fits),
                     key=lambda c: c.time.seconds)
     why = (f"the fastest predicted to fit ({best.memory_plan.device_total / GIB:.1f} GiB of "
@@ -120,7 +127,8 @@ def check_fits(cfg: RunConfig, world: int, capacity: Capacity) -> Candidate:
     candidate = evaluate(cfg, world, capacity)
     if not candidate.fits:
         raise ConfigError(f"the run does not fit: predicted per rank on {world} ranks ({capacity.describe()}):\n"
-                          f"{candidate.memory_plan.breakdown()}\n{nearest_fit(cfg, world, capacity)}")
+                          f"{candidate.memory_plan.breakdown()}\n{nearest_fit(cfg, world, capacity)}\n"
+                          "(--skip-memory-check starts it anyway)")
     return candidate
 
 
@@ -129,7 +137,9 @@ def nearest_fit(cfg: RunConfig, world: int, capacity: Capacity) -> str:
     auto = dataclasses.replace(cfg, memory=MemoryConfig(*(AUTO,) * 4))
     best, _ = best_savers(auto, world, capacity)
     if best is not None and best.cfg.memory != cfg.memory:
-        return f"nearest setting that fits: {_overrides(best.cfg.memory)} (or memory.recompute=auto ...)"
+        return (f"nearest setting that fits: {_overrides(best.cfg.memory)} (predicted "
+                f"{best.memory_plan.device_total / GIB:.1f} GiB, {best.time.tokens_per_s:,.0f} tokens/s per device; "
+                "memory.*=auto picks it at start)")
     longest = longest_sequence(auto, world, capacity)
     layouts = [c for c in search(cfg, world, capacity, top=50) if c.fits]
     hints = []

@@ -1,6 +1,7 @@
 """Predicted vs measured peak memory and step time: the planner (megalysses.plan) against megalysses-bench runs.
 
-    python scripts/bench_plan.py                       # one GPU: the default rows, each in a fresh process (~8 min)
+    python scripts/bench_plan.py                       # one GPU: the default rows, each in a fresh process (~6-8 min)
+    python scripts/bench_plan.py --rows 1,2,3,4,5,6,10,11,12,13 && python scripts/bench_plan.py --rows 7,8,9
     python scripts/bench_plan.py --rows 1,7,8 --core flash
     python scripts/bench_plan.py --rows all            # adds the 1B at 256K (about two minutes more)
     python scripts/bench_plan.py --earlier             # no GPU: the 4 x H200 rows of BENCHMARKS.md, predicted
@@ -63,8 +64,8 @@ EARLIER = [  # BENCHMARKS.md, "Llama-3-8B on 4 x H200 with Ulysses sp4": (seq, o
 
 def row_overrides(model, seq, memory, core: str, tiny: bool) -> list[str]:
     if tiny:
-        return ["layout=single", "train.nproc=1", f"train.seq_len={seq // 256}", "train.global_batch_size=1",
-                "train.micro_batch_size=1", *memory]
+        return ["layout=single", "train.nproc=1", f"train.seq_len={seq // 256}", f"model.max_seq_len={seq // 256}",
+                "train.global_batch_size=1", "train.micro_batch_size=1", *memory]
     return [*model, f"model.attention_core={core}", f"model.max_seq_len={max(seq, 8192)}", f"train.seq_len={seq}",
             "train.global_batch_size=1", *memory]
 
@@ -104,7 +105,7 @@ def err(pred: float, meas) -> str:
 def run_rows(indices: list[int], args) -> None:
     config = "quickstart" if args.tiny else "gpu-bench"
     print("| # | row | seq | savers (recompute/offload/mlp/loss) | pred GiB | meas GiB | err | pred s/step | "
-          "meas s/step | err | pred tok/s | meas tok/s |\n|" + "---|" * 12, flush=True)
+          "meas s/step | err | pred tok/s | meas tok/s | measured run's setup |\n|" + "---|" * 13, flush=True)
     for i in indices:
         name, model, seq, memory, steps = ROWS[i - 1]
         overrides = row_overrides(model, seq, memory, args.core, args.tiny)
@@ -115,7 +116,7 @@ def run_rows(indices: list[int], args) -> None:
         cells = [str(i), name, str(row.get("seq", seq)), chosen, f"{pred_gib:.1f}",
                  f"{meas_gib:.1f}" if meas_gib else row.get("error", "-"), err(pred_gib, meas_gib),
                  f"{pred_s:.3f}", f"{meas_s:.3f}" if meas_s else "-", err(pred_s, meas_s),
-                 f"{tokens / pred_s:,.0f}", f"{row['tok/s']:,.0f}" if "tok/s" in row else "-"]
+                 f"{tokens / pred_s:,.0f}", f"{row['tok/s']:,.0f}" if "tok/s" in row else "-", row.get("setup", "-")]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

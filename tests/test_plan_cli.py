@@ -123,3 +123,17 @@ def test_the_trainer_resolves_auto_for_a_library_caller():
     cfg = load_run_config("quickstart", ["layout=single", "train.nproc=1", *AUTO])
     (memory,) = run_ranks(_trainer_memory, 1, cfg)
     assert not memory.auto_keys() and memory.recompute in ("none", "selective", "around_core", "full")
+
+
+def test_bench_plan_script_runs_a_row_on_cpu():
+    """scripts/bench_plan.py --tiny: the predicted and the measured columns of one row, from a fresh bench process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_plan.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--rows", "4"], capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr
+    row = out.stdout.strip().splitlines()[-1].split(" | ")
+    assert row[1] == "1B around_core" and row[3] == "around_core/False/1/1" and float(row[8]) > 0, out.stdout

@@ -116,7 +116,7 @@ def _rank_plan(cfg: RunConfig, layout: ParallelLayout, pp_rank: int, eager: bool
               "optimizer staging": state.staging, "gathered FSDP units": state.gathered_units,
               "largest parameter gradient": state.largest_param_grad,
               f"activations: {layers_live} block(s) x micro-batch": layers_live * sum(block.device.values()),
-              "activations: per micro-batch (rope, ids)": live * per_mb,
+              "activations: per micro-batch (rope, ids, stage I/O)": live * per_mb,
               "head + loss saved": head,
               "working set at the peak": working}
     host = {"offloaded activations": layers_live * sum(block.host.values()),

@@ -115,6 +115,10 @@ class _Comm:
         n = self._size(axes)
         return 0.0 if n == 1 else 2 * nbytes * (n - 1) / n / self._bw("all_reduce_gbps", axes, nbytes)
 
+    def send(self, nbytes: float, axes: tuple[str, ...]) -> float:
+        """A point-to-point send to a neighbour (the stage boundary's activations and their gradients)."""
+        return nbytes / self._bw("all_reduce_gbps", axes, nbytes)
+
     def gather_or_scatter(self, nbytes: float, axes: tuple[str, ...]) -> float:
         """An all-gather or reduce-scatter whose whole (unsharded) buffer is nbytes."""
         return self.all_reduce(nbytes, axes) / 2
@@ -156,6 +160,7 @@ def step_time(cfg: RunConfig, layout: ParallelLayout, state: StateBytes, device:
     busy = sum(parts.values())
     parts["pipeline bubble"] = busy * ideal_bubble_fraction(layout.schedule, layout.pp, layout.vpp, micro) \
         if layout.pp > 1 else 0.0
+    parts["pipeline p2p"] = micro * layout.vpp * comm.send(2 * shapes.sizes()["x"], ("pp",)) if layout.pp > 1 else 0.0
     params = state.params / act if state.params else (state.host_params / FP32)
     parts["gradient accumulation"] = micro * params * (act + 2 * FP32) / (float(rates["elementwise_gbps"]) * 1e9)
     parts["data-parallel sync (exposed)"] = _data_parallel(state, layout, comm, busy * 2 / 3)

@@ -165,6 +165,7 @@ class MemoryConfig:
     def require_resolved(self) -> None:
         """Raise where a key is still 'auto' (the model needs concrete savers: megalysses.plan resolves them)."""
         if self.auto_keys():
-            raise ModelConfigError(f"memory.{', memory.'.join(self.auto_keys())} = 'auto' reached the model unresolved: "
+            keys = ", memory.".join(self.auto_keys())
+            raise ModelConfigError(f"memory.{keys} = 'auto' reached the model unresolved: "
                                    "resolve it with megalysses.plan.resolve_auto(cfg, world) (the trainer does) or set "
                                    "concrete values")

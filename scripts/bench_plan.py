@@ -79,7 +79,8 @@ def predict(config: str, overrides: list[str], device: str, world: int = 1):
     cfg, _ = resolve_auto(cfg, world, capacity)
     c = evaluate(cfg, world, capacity)
     m = cfg.memory
-    return c.memory_plan.device_total / GIB, c.time.seconds, f"{m.recompute}/{m.offload_activations}/{m.mlp_tiles}/{m.loss_tiles}"
+    chosen = f"{m.recompute}/{m.offload_activations}/{m.mlp_tiles}/{m.loss_tiles}"
+    return c.memory_plan.device_total / GIB, c.time.seconds, chosen
 
 
 def measure(config: str, overrides: list[str], steps: int, tiny: bool) -> dict:

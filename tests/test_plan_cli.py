@@ -78,7 +78,8 @@ def test_nearest_fit_names_savers_that_fit(capsys):
     from megalysses.plan import check_fits
     from megalysses.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"(?s)does not fit.*activations.*nearest setting that fits: memory\.recompute="):
+    fits = r"(?s)does not fit.*activations.*nearest setting that fits: memory\.recompute="
+    with pytest.raises(ConfigError, match=fits):
         check_fits(cfg, 1, capacity)
 
 

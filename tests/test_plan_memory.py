@@ -123,7 +123,8 @@ SAVERS = [MemoryConfig(recompute=r, offload_activations=o, mlp_tiles=t)
           if not (o and r == "none")]
 
 
-@pytest.mark.parametrize("memory", SAVERS, ids=lambda m: f"{m.recompute}-offload{int(m.offload_activations)}-tiles{m.mlp_tiles}")
+@pytest.mark.parametrize("memory", SAVERS,
+                         ids=lambda m: f"{m.recompute}-offload{int(m.offload_activations)}-tiles{m.mlp_tiles}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_each_saver_keeps_what_the_model_predicts(memory, dtype, monkeypatch):
     device, host = _saved_by_block(memory, dtype, monkeypatch)

@@ -52,6 +52,13 @@ def report(cfg: RunConfig, world: int, capacity: Capacity) -> str:
     if why:
         lines.append(f"  auto    {why}")
     lines += [candidate.memory_plan.breakdown(), speed_report(candidate)]
+    m, layout = resolved.model, candidate.layout
+    unmodelled = [text for text, on in (
+        ("ring attention's k/v blocks and p2p exchange", layout.ring > 1),
+        ("Transformer Engine layers (saves modelled as the torch layers'; FP8 speed not modelled)",
+         m.backend == "te" or resolved.train.fp8 != "none")) if on]
+    if unmodelled:
+        lines.append(f"  note    not modelled: {'; '.join(unmodelled)}")
     return "\n".join(lines)
 
 
@@ -59,12 +66,13 @@ def search_table(cfg: RunConfig, world: int, capacity: Capacity, top: int) -> st
     rows = search(cfg, world, capacity, top=top)
     if not rows:
         return f"no layout of {world} ranks is valid for this model and batch (check train.global_batch_size)"
-    head = ("| rank | layout | tp | sp | pp | dp | zero | recompute | offload | mlp tiles | loss tiles | GiB/rank | "
-            "tok/s/GPU | MFU | fits |\n|" + "---|" * 15)
+    head = ("| rank | layout | tp | tp-sp | sp | pp | dp | zero | recompute | offload | mlp tiles | loss tiles | "
+            "GiB/rank | tok/s/GPU | MFU | fits |\n|" + "---|" * 16)
     body = []
     for i, c in enumerate(rows, 1):
         L, mem = c.layout, c.cfg.memory
-        body.append(f"| {i} | {L.describe()} | {L.tp} | {L.sp} | {L.pp} | {L.dp} | {L.zero} | {mem.recompute} | "
+        body.append(f"| {i} | {L.describe()} | {L.tp} | {str(L.tp_sequence_parallel).lower()} | {L.sp} | {L.pp} | "
+                    f"{L.dp} | {L.zero} | {mem.recompute} | "
                     f"{str(mem.offload_activations).lower()} | {mem.mlp_tiles} | {mem.loss_tiles} | "
                     f"{c.memory_plan.device_total / GIB:.1f} | {c.time.tokens_per_s:,.0f} | {c.time.mfu:.1%} | "
                     f"{'yes' if c.fits else 'NO'} |")

@@ -190,18 +190,19 @@ def _gcd(a: int, b: int) -> int:
 
 
 def candidate_layouts(cfg: RunConfig, world: int, gpus_per_node: int = 8) -> Iterator[ParallelLayout]:
-    """Layouts of `world` ranks valid for the model and batch: tp inside a node, Ulysses sp, pp, dp, ZeRO 0/1/3."""
+    """Layouts of `world` ranks valid for the model and batch: tp inside a node (with and without tp sequence
+    parallelism), Ulysses sp, pp, dp, ZeRO 0/1/3 (ring attention and interleaved schedules are not searched)."""
     m, t = cfg.model, cfg.train
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     for tp, sp, pp in itertools.product(divisors, divisors, divisors):
         if tp > gpus_per_node or world % (tp * sp * pp):
             continue
         dp = world // (tp * sp * pp)
-        for zero in (0, 1, 3):
+        for zero, tp_sp in itertools.product((0, 1, 3), (False, True) if tp > 1 else (False,)):
             if zero == 3 and pp > 1:
                 continue
             try:
-                layout = ParallelLayout(tp=tp, sp=sp, pp=pp, dp=dp, zero=zero)
+                layout = ParallelLayout(tp=tp, sp=sp, pp=pp, dp=dp, zero=zero, tp_sequence_parallel=tp_sp)
                 trial = dataclasses.replace(cfg, layout=layout)
                 trial.check(world)
             except (LayoutError, ConfigError):

@@ -21,7 +21,7 @@ counted as megalysses/metrics.py says):
              FSDP2 (zero 3) runs its own collectives inside torch: those show in --profile, not here.
 A length that runs out of memory ends the run after the rows before it (rank 0 says which length).
 `--profile DIR` adds one profiled step per length: rank 0's Chrome trace, its top kernels, and device time by kind
-(matmul, attention, communication, other).
+(megalysses/profiling.py's kinds; scripts/profile_step.py breaks one step down further).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from megalysses.parallel import ParallelMesh
 from megalysses.parallel.launch import add_debug_flag, apply_debug_flag, launch
 
 from .config import RunConfig
+from .profiling import kernel_kind
 from .metrics import flops_per_token, hardware_flops_per_token, matmul_tflops, mfu
 from .train import QUICKSTART, load_checked
 from .trainer import Trainer, with_seq_len
@@ -57,6 +58,7 @@ def describe_setup(cfg: RunConfig) -> str:
     savers += ["offload"] if cfg.memory.offload_activations else []
     savers += ["optimizer-offload"] if cfg.train.offload_optimizer else []
     savers += [f"{k}={getattr(cfg.memory, k)}" for k in ("mlp_tiles", "loss_tiles") if getattr(cfg.memory, k) > 1]
+    savers += ["fused_loss"] if cfg.memory.fused_loss else []
     size = f"{m.num_params() / 1e9:.2f}B" if m.num_params() >= 1e8 else f"{m.num_params() / 1e6:.1f}M"
     return " ".join([f"{size}/{m.num_layers}L", m.backend, m.attention_core, precision] + savers)
 
@@ -154,20 +156,6 @@ class Bench:
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70), flush=True)
         return kernel_time_by_kind(prof.key_averages(), step_s) if self.device.type == "cuda" else {}
-
-
-KERNEL_KINDS = (("communication", ("nccl",)),
-                ("attention", ("flash", "fmha", "attn", "cudnn", "softmax")),
-                ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90", "cublas")))
-
-
-def kernel_kind(name: str) -> str:
-    """Coarse kind of a GPU kernel by its name: communication, attention, matmul or other."""
-    low = name.lower()
-    for kind, marks in KERNEL_KINDS:
-        if any(m in low for m in marks):
-            return kind
-    return "other"
 
 
 def kernel_time_by_kind(events, step_s: float) -> dict:

@@ -54,7 +54,7 @@ def recomputed_forwards(memory: MemoryConfig) -> dict[str, int]:
         redo["attn_core"] += 1
     if memory.mlp_tiles > 1:
         redo["mlp"] += 1
-    if memory.loss_tiles > 1:
+    if memory.loss_tiles > 1 and not memory.fused_loss:  # the fused head + loss forms its gradients in forward
         redo["head"] += 1
     return redo
 

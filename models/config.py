@@ -141,13 +141,22 @@ class MemoryConfig:
     loss_tiles: Union[int, Literal["auto"]] = 1
     """Compute the LM-head logits and the vocab-parallel cross-entropy over this many sequence tiles, each recomputed
     in backward, so the (s, vocab / tp) logits never exist at once; 1 = off; 'auto' lets the planner choose. Applies
-    when labels are given."""
+    when labels are given. With fused_loss, the number of token chunks of the fused head + loss instead (nothing is
+    recomputed)."""
+    fused_loss: Union[bool, Literal["auto"]] = False
+    """Fuse the LM head and the vocab-parallel cross-entropy (Liger's fused linear cross-entropy over vocab shards):
+    token chunks whose logits, loss and gradients (hidden states and head weight) are formed in one pass in forward,
+    so neither the whole (tokens, vocab / tp) logits nor a backward recompute exist. Chunks: loss_tiles when > 1, else
+    as many as keep a chunk's logits under 2^28 elements. Applies to the trainer's loss (the model given the step's
+    valid-token count); the same loss and gradients as the unfused head up to float rounding. 'auto' lets the
+    planner choose."""
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE:
             raise ModelConfigError(f"memory.recompute = {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
-        if self.offload_activations not in (True, False, AUTO):
-            raise ModelConfigError(f"memory.offload_activations = {self.offload_activations!r}: true, false or 'auto'")
+        for name in ("offload_activations", "fused_loss"):
+            if getattr(self, name) not in (True, False, AUTO):
+                raise ModelConfigError(f"memory.{name} = {getattr(self, name)!r}: true, false or 'auto'")
         for name in ("mlp_tiles", "loss_tiles"):
             value = getattr(self, name)
             if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -159,7 +168,7 @@ class MemoryConfig:
 
     def auto_keys(self) -> tuple[str, ...]:
         """The keys left to the planner."""
-        return tuple(k for k in ("recompute", "offload_activations", "mlp_tiles", "loss_tiles")
+        return tuple(k for k in ("recompute", "offload_activations", "mlp_tiles", "loss_tiles", "fused_loss")
                      if getattr(self, k) == AUTO)
 
     def require_resolved(self) -> None:

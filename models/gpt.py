@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.layout import ulysses_heads
 from megalysses.parallel.mesh import ParallelMesh
-from megalysses.parallel.sequence import gather_sequence_ids, ring_attention, ring_masks, ulysses_attention
+from megalysses.parallel.sequence import (gather_sequence_ids, ring_attention, ring_masks, token_weighted_loss,
+                                          ulysses_attention)
 from megalysses.parallel.sequence.ring import ring_token_index
 from megalysses.parallel.tensor import param_info, shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
 from .cores import Documents, build_attention_core, resolve_auto_core
 from .config import GPTConfig, MemoryConfig
-from .memory import map_sequence_tiles, recompute, recomputed, tiled_lm_loss
+from .memory import fused_lm_loss, map_sequence_tiles, recompute, recomputed, tiled_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .spec import LayerSpec, layer_spec
 
@@ -155,9 +156,12 @@ class GPT(nn.Module):
         return torch.arange(start, start + s_local, device=device).expand(b, s_local)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None,
+                total_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(b, s/sp) token ids and global positions of this SP rank -> per-token loss (b, s/sp) if labels are
-        given, else vocab-sharded logits (b, s/sp, padded vocab / tp). A later pipeline stage passes `hidden`."""
+        given, else vocab-sharded logits (b, s/sp, padded vocab / tp). A later pipeline stage passes `hidden`.
+        With labels and `total_valid` (the step's valid-token count): this rank's share of the token-weighted mean
+        loss, a scalar (token_weighted_loss of the per-token loss, or the fused head + loss under memory.fused_loss)."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = self.default_positions(b, s, input_ids.device)
@@ -173,12 +177,24 @@ class GPT(nn.Module):
         x = self.norm(x)
         head = self.embed if self.cfg.tie_embeddings else self.head
         sequence_parallel = self.mesh.layout.tp_sequence_parallel
-        if labels is not None and self.memory.loss_tiles > 1:  # never the whole (b, s, vocab / tp) logits at once
-            return tiled_lm_loss(x, head.weight, labels, self.cfg.vocab_size, self.tp_group, sequence_parallel,
+        if labels is not None and total_valid is not None:
+            if self.memory.fused_loss:  # head, loss and their gradients chunk by chunk, in this forward
+                tiles = self.memory.loss_tiles
+                return fused_lm_loss(x, head.weight, labels, self.cfg.vocab_size, self.tp_group, sequence_parallel,
+                                     total_valid, chunks=tiles if tiles > 1 else 0)
+            return token_weighted_loss(self.per_token_loss(x, head.weight, labels).float(), labels, total_valid)
+        if labels is not None:
+            return self.per_token_loss(x, head.weight, labels)
+        return vocab_parallel_logits(x, head.weight, self.tp_group, sequence_parallel)
+
+    def per_token_loss(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """LM head + vocab-parallel cross-entropy: normed (b, s/sp, d) -> (b, s/sp), in sequence tiles under
+        memory.loss_tiles (never the whole (b, s, vocab / tp) logits at once)."""
+        sequence_parallel = self.mesh.layout.tp_sequence_parallel
+        if self.memory.loss_tiles > 1:
+            return tiled_lm_loss(x, weight, labels, self.cfg.vocab_size, self.tp_group, sequence_parallel,
                                  self.memory.loss_tiles)
-        logits = vocab_parallel_logits(x, head.weight, self.tp_group, sequence_parallel)
-        if labels is None:
-            return logits
+        logits = vocab_parallel_logits(x, weight, self.tp_group, sequence_parallel)
         return vocab_parallel_cross_entropy(logits, labels, self.cfg.vocab_size, self.tp_group)
 
     def documents(self, position_ids: torch.Tensor):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalysses.parallel.collectives import CommGroup
+from megalysses.parallel.sequence import IGNORE_INDEX
 from megalysses.parallel.tensor import vocab_parallel_cross_entropy
+from megalysses.parallel.tensor.fused_cross_entropy import fused_linear_cross_entropy
 from megalysses.parallel.tensor.mappings import enter_parallel_region
 
 # ------------------------------------------------------------------------------------------- host offload
@@ -111,3 +113,15 @@ def tiled_lm_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, v
     x = enter_parallel_region(x, tp, sequence_parallel)  # (b, s, d) on every tp rank
     loss_of_tile = functools.partial(_head_loss, weight=weight, vocab_size=vocab_size, tp=tp)
     return map_sequence_tiles(loss_of_tile, tiles, x, labels)
+
+
+def fused_lm_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp: CommGroup,
+                  sequence_parallel: bool, total_valid: torch.Tensor, chunks: int = 0) -> torch.Tensor:
+    """This rank's share of the token-weighted mean loss (as `token_weighted_loss`: its valid tokens' losses summed,
+    over the step's valid-token count) from the head input (b, s, d) [(b, s / tp, d) under sequence parallelism]: the
+    LM head and vocab-parallel cross-entropy fused chunk by chunk, gradients formed in the same pass (no recompute,
+    never the whole logits). The head input enters the TP region once, as in `tiled_lm_loss`."""
+    x = enter_parallel_region(x, tp, sequence_parallel)  # (b, s, d) on every tp rank
+    valid = (labels != IGNORE_INDEX).float()  # (b, s)
+    loss_sum = fused_linear_cross_entropy(x, weight, labels, valid, vocab_size, tp, chunks)
+    return loss_sum / total_valid.clamp(min=1).to(loss_sum.dtype)

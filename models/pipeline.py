@@ -14,7 +14,6 @@ import torch
 from megalysses.parallel import collectives as C
 from megalysses.parallel.mesh import ParallelMesh
 from megalysses.parallel.pipeline import AutogradStage, all_reduce_tied_gradients, plan_rank, run_rounds
-from megalysses.parallel.sequence import token_weighted_loss
 
 from .gpt import GPT
 
@@ -42,8 +41,7 @@ def chunk_forward(chunk: GPT, micro_batches: Sequence[MicroBatch], total_valid: 
         with autocast:
             if not chunk.post_process:
                 return chunk(ids, pos, hidden=hidden)
-            per_token = chunk(ids, pos, labels, hidden=hidden)  # (micro, s / sp)
-        return token_weighted_loss(per_token.float(), labels, total_valid)
+            return chunk(ids, pos, labels, hidden=hidden, total_valid=total_valid)  # token-weighted share
     return fn
 
 

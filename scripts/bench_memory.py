@@ -6,8 +6,8 @@ GPU (the "Must show" run: Llama-3-8B geometry with 4 of its 32 layers, S = 32768
 CPU smoke test (tiny model, float32, no memory figures):
     python scripts/bench_memory.py --device cpu --tiny
 
-One row per saver (MemoryConfig): none, selective, full, full+offload, mlp_tiles, loss_tiles, all (full + offload +
-mlp_tiles + loss_tiles). Each row builds the model afresh with the same seeded weights (initialised on the device),
+One row per saver (MemoryConfig): none, selective, full, full+offload, mlp_tiles, loss_tiles, fused_loss (the fused
+head + loss), all (full + offload + mlp_tiles + loss_tiles). Each row builds the model afresh with the same seeded weights (initialised on the device),
 runs `--warmup` untimed steps, then `--iters` timed steps. Columns:
   peak GiB     torch.cuda.max_memory_allocated over the timed steps (weights, gradients, activations, workspace)
   above GiB    peak minus the memory held before the step (the weights): what the step itself needs
@@ -32,6 +32,7 @@ from megalysses.config import load_model_config
 from megalysses.models.config import GPTConfig, MemoryConfig
 from megalysses.models.gpt import GPT, init_on_device
 from megalysses.parallel.mesh import ParallelMesh
+from megalysses.parallel.sequence import IGNORE_INDEX
 
 
 def saver_rows(tiles: int) -> dict[str, MemoryConfig]:
@@ -42,6 +43,7 @@ def saver_rows(tiles: int) -> dict[str, MemoryConfig]:
         "full+offload": MemoryConfig(recompute="full", offload_activations=True),
         "mlp_tiles": MemoryConfig(mlp_tiles=tiles),
         "loss_tiles": MemoryConfig(loss_tiles=tiles),
+        "fused_loss": MemoryConfig(fused_loss=True),
         "all": MemoryConfig(recompute="full", offload_activations=True, mlp_tiles=tiles, loss_tiles=tiles),
     }
 
@@ -76,10 +78,11 @@ def run_row(cfg, memory, ids, labels, args, device, dtype) -> dict:
     """Build, warm up, then time `iters` forward + backward steps; returns the row's figures."""
     model = build(cfg, memory, device, dtype)
     cuda = device.type == "cuda"
+    total = (labels != IGNORE_INDEX).sum().double()
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=labels).float().mean()
+        loss = model(ids, labels=labels, total_valid=total)  # the mean loss (the trainer's token-weighted form)
         loss.backward()
         return loss
 

@@ -1,7 +1,7 @@
 """Predicted vs measured peak memory and step time: the planner (megalysses.plan) against megalysses-bench runs.
 
     python scripts/bench_plan.py                       # one GPU: the default rows, each in a fresh process (~6-8 min)
-    python scripts/bench_plan.py --rows 1,2,3,4,5,6,10,11,12,13 && python scripts/bench_plan.py --rows 7,8,9
+    python scripts/bench_plan.py --rows 1,2,3,4,5,6,11,12,13,14,15 && python scripts/bench_plan.py --rows 7,8,9,10
     python scripts/bench_plan.py --rows 1,7,8 --core flash
     python scripts/bench_plan.py --rows all            # adds the 1B at 256K (about two minutes more)
     python scripts/bench_plan.py --earlier             # no GPU: the 4 x H200 rows of BENCHMARKS.md, predicted
@@ -27,15 +27,16 @@ from megalysses.plan import GIB, capacity_for_device, evaluate
 
 ONE_B = ["model=llama-3.2-1b"]
 EIGHT_B_16 = ["model=llama-3-8b", "model.num_layers=16"]
-NONE = ["memory.recompute=none", "memory.offload_activations=false", "memory.mlp_tiles=1", "memory.loss_tiles=1"]
+NONE = ["memory.recompute=none", "memory.offload_activations=false", "memory.mlp_tiles=1", "memory.loss_tiles=1",
+        "memory.fused_loss=false"]
 
 
-def savers(recompute="none", offload=False, mlp=1, loss=1) -> list[str]:
+def savers(recompute="none", offload=False, mlp=1, loss=1, fused=False) -> list[str]:
     return [f"memory.recompute={recompute}", f"memory.offload_activations={str(offload).lower()}",
-            f"memory.mlp_tiles={mlp}", f"memory.loss_tiles={loss}"]
+            f"memory.mlp_tiles={mlp}", f"memory.loss_tiles={loss}", f"memory.fused_loss={str(fused).lower()}"]
 
 
-AUTO = savers("auto", "auto", "auto", "auto")
+AUTO = savers("auto", "auto", "auto", "auto", "auto")
 ROWS = [  # (name, model overrides, seq_len, saver overrides, timed steps); warm-up 1 step each
     ("1B none", ONE_B, 8192, savers(), 3),
     ("1B selective", ONE_B, 8192, savers("selective"), 3),
@@ -46,7 +47,9 @@ ROWS = [  # (name, model overrides, seq_len, saver overrides, timed steps); warm
     ("1B around_core + loss tiles", ONE_B, 131072, savers("around_core", loss=8), 1),
     ("1B full + offload + tiles", ONE_B, 131072, savers("full", True, 16, 32), 1),
     ("1B auto", ONE_B, 131072, AUTO, 1),
+    ("1B around_core + fused loss", ONE_B, 131072, savers("around_core", fused=True), 1),
     ("8B/16L none", EIGHT_B_16, 8192, savers(), 2),
+    ("8B/16L none + fused loss", EIGHT_B_16, 8192, savers(fused=True), 2),
     ("8B/16L full", EIGHT_B_16, 8192, savers("full"), 2),
     ("8B/16L around_core + tiles", EIGHT_B_16, 16384, savers("around_core", False, 4, 8), 1),
     ("8B/16L full + offload + mlp tiles", EIGHT_B_16, 32768, savers("full", True, 4, 1), 1),

@@ -30,6 +30,7 @@ def test_model_flops_of_llama3_8b_by_hand():
     (MemoryConfig(recompute="around_core", mlp_tiles=2), ("attn_proj", "mlp", "mlp")),
     (MemoryConfig(recompute="full", mlp_tiles=4, loss_tiles=8), ("attn_proj", "attn_core", "mlp", "mlp", "head")),
     (MemoryConfig(mlp_tiles=2), ("mlp",)),
+    (MemoryConfig(loss_tiles=8, fused_loss=True), ()),  # gradients formed in the forward: no head recompute
 ])
 def test_hardware_flops_add_the_recomputed_forwards(memory, extra):
     cfg = load_model_config("llama-3.2-1b")
@@ -100,7 +101,8 @@ def test_bench_config_errors_exit_2(capsys):
 @pytest.mark.parametrize("name, kind", [("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "communication"),
                                         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
                                         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
-                                        ("void at::native::vectorized_elementwise_kernel<4, ...>", "other")])
+                                        ("void at::native::vectorized_elementwise_kernel<4, ...>", "elementwise"),
+                                        ("triton_red_fused__to_copy_mean_mul_pow_rsqrt_0", "norms/other")])
 def test_kernel_kinds(name, kind):
     assert kernel_kind(name) == kind
 
@@ -111,3 +113,5 @@ def test_setup_names_precision_and_savers():
     cfg = load_run_config(QUICKSTART, ["memory.loss_tiles=4"])
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="bfloat16"))
     assert describe_setup(cfg).endswith("torch sdpa bf16 loss_tiles=4")
+    cfg = load_run_config(QUICKSTART, ["memory.loss_tiles=4", "memory.fused_loss=true"])
+    assert describe_setup(cfg).endswith("torch sdpa fp32 loss_tiles=4 fused_loss")

@@ -12,7 +12,8 @@ from megalysses.train import load_checked, main as train_main
 
 ONE_B_128K = ["model=llama-3.2-1b", "model.attention_core=flash", "train.seq_len=131072",
               "model.max_seq_len=131072"]
-AUTO = ["memory.recompute=auto", "memory.offload_activations=auto", "memory.mlp_tiles=auto", "memory.loss_tiles=auto"]
+AUTO = ["memory.recompute=auto", "memory.offload_activations=auto", "memory.mlp_tiles=auto", "memory.loss_tiles=auto",
+        "memory.fused_loss=auto"]
 
 
 def test_plan_prints_the_breakdown_and_the_prediction(capsys):
@@ -29,7 +30,8 @@ def test_auto_picks_a_cheap_recompute_over_full_where_it_fits():
     capacity = capacity_for_device("h200", ranks_per_host=1)
     cfg, why = resolve_auto(load_run_config("gpu-bench", ONE_B_128K + AUTO), 1, capacity)
     full = evaluate(load_run_config("gpu-bench", ONE_B_128K + [
-        "memory.recompute=full", "memory.offload_activations=true", "memory.mlp_tiles=16", "memory.loss_tiles=32"]),
+        "memory.recompute=full", "memory.offload_activations=true", "memory.mlp_tiles=16", "memory.loss_tiles=32",
+        "memory.fused_loss=false"]),
         1, capacity)
     chosen = evaluate(cfg, 1, capacity)
     assert chosen.fits and cfg.memory.recompute in ("around_core", "selective") and "fastest" in why
@@ -74,7 +76,8 @@ def test_a_run_that_does_not_fit_is_refused_before_ranks_start(capsys):
 def test_nearest_fit_names_savers_that_fit(capsys):
     capacity = Capacity(60 * GIB, None)
     cfg = load_run_config("gpu-bench", ONE_B_128K + ["memory.recompute=none", "memory.offload_activations=false",
-                                                     "memory.mlp_tiles=1", "memory.loss_tiles=1"])
+                                                     "memory.mlp_tiles=1", "memory.loss_tiles=1",
+                                                     "memory.fused_loss=false"])
     from megalysses.plan import check_fits
     from megalysses.config import ConfigError
 
@@ -103,7 +106,7 @@ def test_auto_memory_keys_load_and_unresolved_auto_is_refused_by_the_model():
     from megalysses.models.gpt import GPT
 
     cfg = load_run_config("quickstart", AUTO)
-    assert cfg.memory.auto_keys() == ("recompute", "offload_activations", "mlp_tiles", "loss_tiles")
+    assert cfg.memory.auto_keys() == ("recompute", "offload_activations", "mlp_tiles", "loss_tiles", "fused_loss")
     with pytest.raises(ModelConfigError, match="unresolved"):
         GPT(cfg.model, memory=cfg.memory)
     assert load_run_config("quickstart", ["memory.mlp_tiles=4"]).memory.mlp_tiles == 4

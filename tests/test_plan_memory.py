@@ -135,8 +135,9 @@ def test_each_saver_keeps_what_the_model_predicts(memory, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("memory", [MemoryConfig(), MemoryConfig(loss_tiles=4), MemoryConfig(recompute="full"),
-                                    MemoryConfig(recompute="around_core", mlp_tiles=2, loss_tiles=3)],
-                         ids=["plain", "loss-tiles", "full", "around-core-tiles"])
+                                    MemoryConfig(recompute="around_core", mlp_tiles=2, loss_tiles=3),
+                                    MemoryConfig(fused_loss=True), MemoryConfig(fused_loss=True, loss_tiles=4)],
+                         ids=["plain", "loss-tiles", "full", "around-core-tiles", "fused-loss", "fused-loss-chunks"])
 def test_whole_model_activations_match_the_plan(memory):
     """Every tensor the whole model saves (blocks, head, loss, embedding) against the planner's activation terms."""
     model = GPT(CFG, memory=memory)
@@ -151,7 +152,7 @@ def test_whole_model_activations_match_the_plan(memory):
 
     ids = torch.randint(0, CFG.vocab_size, (B, S))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, None, ids)
+        model(ids, None, ids, total_valid=torch.tensor(B * S))  # the trainer's form: the token-weighted share
     cfg = RunConfig(model=CFG, layout=ParallelLayout(), memory=memory,
                     train=TrainConfig(global_batch_size=B, micro_batch_size=B, seq_len=S, nproc=1))
     plan = plan_memory(cfg, 1, eager=True)

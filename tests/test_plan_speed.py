@@ -9,7 +9,8 @@ from megalysses.parallel.pipeline.schedules import ideal_bubble_fraction
 from megalysses.plan import capacity_for_device, device_rates, evaluate, state_bytes
 from megalysses.plan.speed import rate_sources
 
-SAVERS = ["memory.recompute=none", "memory.offload_activations=false", "memory.mlp_tiles=1", "memory.loss_tiles=8"]
+SAVERS = ["memory.recompute=none", "memory.offload_activations=false", "memory.mlp_tiles=1", "memory.loss_tiles=8",
+          "memory.fused_loss=false"]
 
 
 def predicted(layout: str, world: int, *extra: str):

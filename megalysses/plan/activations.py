@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from megalysses.models.config import GPTConfig, MemoryConfig
 from megalysses.parallel.layout import ParallelLayout, ulysses_heads
+from megalysses.parallel.tensor.fused_cross_entropy import chunk_rows_for
 
 FP32, INT64, BOOL = 4, 8, 1
 
@@ -116,6 +117,9 @@ class Shapes:
             norm.update({"final_norm.fp32_input": Tr * d * FP32, "final_norm.normalised": Tr * d * a})
         else:
             norm["final_norm.input"] = Tr * d * a
+        if memory.fused_loss:  # the gradients formed in forward, kept for backward (the head input is not)
+            return {**norm, "head.grad_input": T * d * a, "head.grad_weight": vocab * d * a,
+                    "loss.targets": T * (INT64 + FP32)}
         if memory.loss_tiles > 1:
             return {**norm, "head.input": T * d * a, "labels": T * INT64}
         return {**norm, "head.input": T * d * a, "logits": T * vocab * a,
@@ -125,10 +129,13 @@ class Shapes:
         """Transient bytes at the loss's backward on top of what it saved: the logits' gradient (and, eager, the
         float32 softmax passes); with tiles, one tile's logits, their gradient and passes."""
         T, a, vocab = self.tokens, self.act, -(-self.model.vocab_size // self.layout.tp)
+        passes = 3 * FP32 + BOOL if self.eager else 0  # the float32 softmax passes of the unfused kernels
+        if memory.fused_loss:  # one chunk's logits and their gradient, the float32 head-weight gradient accumulator
+            rows = chunk_rows_for(T, vocab, memory.loss_tiles if memory.loss_tiles > 1 else 0)
+            return rows * vocab * (2 * a + passes) + vocab * self.model.hidden_size * FP32
         rows = -(-T // memory.loss_tiles) if memory.loss_tiles > 1 else T
-        per_row = vocab * (a + (3 * FP32 + BOOL if self.eager else 0))
         tile_logits = rows * vocab * a if memory.loss_tiles > 1 else 0
-        return rows * per_row + tile_logits
+        return rows * vocab * (a + passes) + tile_logits
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from megalysses.config import ConfigError, RunConfig, load_run_config
+from megalysses.models.config import AUTO, MemoryConfig
 
 from .memory import GIB
 from .search import Candidate, Capacity, describe_memory, evaluate, longest_sequence, resolve_auto, search
@@ -79,8 +80,7 @@ def search_table(cfg: RunConfig, world: int, capacity: Capacity, top: int) -> st
     out = [head, *body]
     best = next((c for c in rows if c.fits), None)
     if best is not None:
-        longest = longest_sequence(dataclasses.replace(best.cfg, memory=cfg.memory.__class__(*("auto",) * 4)),
-                                   world, capacity)
+        longest = longest_sequence(dataclasses.replace(best.cfg, memory=MemoryConfig(*(AUTO,) * 5)), world, capacity)
         out.append(f"longest sequence that fits layout {best.layout.describe()}: {longest:,} tokens"
                    if longest else "")
     return "\n".join(out)

@@ -66,14 +66,17 @@ def evaluate(cfg: RunConfig, world: int, capacity: Capacity) -> Candidate:
 def saver_choices(memory: MemoryConfig, local_tokens: int) -> Iterator[MemoryConfig]:
     """Every concrete MemoryConfig agreeing with memory's non-'auto' keys (tiles no more than the local tokens)."""
     pick = lambda key, options: [getattr(memory, key)] if getattr(memory, key) != AUTO else list(options)
-    for recompute, offload, mlp, loss in itertools.product(
+    for recompute, offload, mlp, loss, fused in itertools.product(
             pick("recompute", RECOMPUTE_CHOICES), pick("offload_activations", (False, True)),
-            pick("mlp_tiles", MLP_TILE_CHOICES), pick("loss_tiles", LOSS_TILE_CHOICES)):
+            pick("mlp_tiles", MLP_TILE_CHOICES), pick("loss_tiles", LOSS_TILE_CHOICES), pick("fused_loss", (False, True))):
         if offload and recompute == "none":
             continue
         if max(mlp, loss) > max(1, local_tokens):
             continue
-        yield MemoryConfig(recompute=recompute, offload_activations=offload, mlp_tiles=mlp, loss_tiles=loss)
+        if fused and memory.loss_tiles == AUTO and loss > 1:  # fused: loss_tiles counts chunks; 1 sizes them itself
+            continue
+        yield MemoryConfig(recompute=recompute, offload_activations=offload, mlp_tiles=mlp, loss_tiles=loss,
+                           fused_loss=fused)
 
 
 def best_savers(cfg: RunConfig, world: int, capacity: Capacity) -> tuple[Optional[Candidate], list[Candidate]]:
@@ -91,7 +94,8 @@ def best_savers(cfg: RunConfig, world: int, capacity: Capacity) -> tuple[Optiona
 
 def describe_memory(memory: MemoryConfig) -> str:
     return (f"recompute={memory.recompute} offload_activations={str(memory.offload_activations).lower()} "
-            f"mlp_tiles={memory.mlp_tiles} loss_tiles={memory.loss_tiles}")
+            f"mlp_tiles={memory.mlp_tiles} loss_tiles={memory.loss_tiles} "
+            f"fused_loss={str(memory.fused_loss).lower()}")
 
 
 def resolve_auto(cfg: RunConfig, world: int, capacity: Capacity, require_fit: bool = True) -> tuple[RunConfig, str]:
@@ -134,7 +138,7 @@ def check_fits(cfg: RunConfig, world: int, capacity: Capacity) -> Candidate:
 
 def nearest_fit(cfg: RunConfig, world: int, capacity: Capacity) -> str:
     """The closest change that is predicted to fit: other savers, else a shorter sequence, else another layout."""
-    auto = dataclasses.replace(cfg, memory=MemoryConfig(*(AUTO,) * 4))
+    auto = dataclasses.replace(cfg, memory=MemoryConfig(*(AUTO,) * 5))
     best, _ = best_savers(auto, world, capacity)
     if best is not None and best.cfg.memory != cfg.memory:
         return (f"nearest setting that fits: {_overrides(best.cfg.memory)} (predicted "
@@ -215,7 +219,7 @@ def candidate_layouts(cfg: RunConfig, world: int, gpus_per_node: int = 8) -> Ite
 def search(cfg: RunConfig, world: int, capacity: Capacity, top: int = 20) -> list[Candidate]:
     """Candidate layouts x savers for `world` ranks, the best savers per layout, ranked: fitting ones by predicted
     tokens/s, then the ones that do not fit by memory."""
-    auto = dataclasses.replace(cfg, memory=MemoryConfig(*(AUTO,) * 4))
+    auto = dataclasses.replace(cfg, memory=MemoryConfig(*(AUTO,) * 5))
     rows = []
     for layout in candidate_layouts(cfg, world):
         trial = dataclasses.replace(auto, layout=layout)

@@ -82,7 +82,7 @@ def predict(config: str, overrides: list[str], device: str, world: int = 1):
     cfg, _ = resolve_auto(cfg, world, capacity)
     c = evaluate(cfg, world, capacity)
     m = cfg.memory
-    chosen = f"{m.recompute}/{m.offload_activations}/{m.mlp_tiles}/{m.loss_tiles}"
+    chosen = f"{m.recompute}/{m.offload_activations}/{m.mlp_tiles}/{m.loss_tiles}" + ("/fused" if m.fused_loss else "")
     return c.memory_plan.device_total / GIB, c.time.seconds, chosen
 
 
@@ -108,7 +108,7 @@ def err(pred: float, meas) -> str:
 
 def run_rows(indices: list[int], args) -> None:
     config = "quickstart" if args.tiny else "gpu-bench"
-    print("| # | row | seq | savers (recompute/offload/mlp/loss) | pred GiB | meas GiB | err | pred s/step | "
+    print("| # | row | seq | savers (recompute/offload/mlp/loss[/fused]) | pred GiB | meas GiB | err | pred s/step | "
           "meas s/step | err | pred tok/s | meas tok/s | measured run's setup |\n|" + "---|" * 13, flush=True)
     for i in indices:
         name, model, seq, memory, steps = ROWS[i - 1]

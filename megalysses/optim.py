@@ -57,6 +57,8 @@ def build_data_parallel(model: torch.nn.Module, mesh: ParallelMesh, cfg: TrainCo
     groups = param_groups(model.parameters(), cfg.weight_decay)
     optimizer = DistributedOptimizer(groups, sync, torch.optim.AdamW, param_dtype=param_dtype,
                                      offload=cfg.offload_optimizer, **_adamw_kwargs(cfg, mesh.device_type))
+    if cfg.offload_optimizer:  # the next forward waits only for the step of the layer it runs
+        optimizer.wait_for_step(model.modules())
     return BucketedDataParallel(sync, optimizer)
 
 

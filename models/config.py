@@ -130,7 +130,10 @@ class MemoryConfig:
     not re-run (it saves the core's output and softmax statistics, and the (s, s) scores where a core materialises
     them); 'around_core' recomputes everything in the block except the attention core, whose inputs and output are
     kept, and no all-to-all re-runs (with a flash-style core the cheapest recompute at long sequences, where the
-    core dominates the FLOPs); 'none' keeps everything; 'auto' lets the planner choose."""
+    core dominates the FLOPs); 'none' keeps everything; 'auto' lets the planner choose. With a ring degree the core
+    is ring attention, which keeps only q, k, v, its output and log-sum-exp: 'selective' then frees just the output
+    and log-sum-exp and re-runs the ring's k/v passes in backward ('full' re-runs them too), while 'around_core' keeps
+    the core's inputs and output and re-runs no ring pass: the one worth taking there."""
     offload_activations: Union[bool, Literal["auto"]] = False
     """Move the inputs of every recomputed region (each block's input under 'full', the head-sharded q, k, v under
     'selective', the block's input and the attention output under 'around_core') to pinned host memory until

@@ -1,9 +1,10 @@
 """GPT (Llama family): embedding, N pre-norm blocks (RoPE GQA attention, SwiGLU MLP), final norm, LM head.
 
 Read it as a single-device model: the spec supplies tensor-parallel layers, and the only sequence-parallel step
-is `ulysses_attention` around the attention core, which is the identity when sp = 1 (or, with a ring degree,
-`ring_attention` on this rank's zig-zag shard, k/v blocks passing round the ring). A MemoryConfig picks what is
-recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
+is `ulysses_attention` around the attention core, which is the identity when sp = 1; with a ring degree the core is
+`ring_core`, ring attention over this ring rank's zig-zag shard (k/v blocks passing round the ring), so sp x ring is
+Ulysses inside and the ring across (the ring's own fp32 block core then stands in for cfg.attention_core). A
+MemoryConfig picks what is recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
 """
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ import torch.nn.functional as F
 from megalysses.parallel.kernel_fusion import fused
 from megalysses.parallel.layout import ulysses_heads
 from megalysses.parallel.mesh import ParallelMesh
-from megalysses.parallel.sequence import (gather_sequence_ids, ring_attention, ring_masks, token_weighted_loss,
-                                          ulysses_attention)
-from megalysses.parallel.sequence.ring import ring_token_index
+from megalysses.parallel.sequence import (gather_sequence_ids, ring_core, ring_masks, shard_ring_sequence,
+                                          token_weighted_loss, ulysses_attention)
 from megalysses.parallel.tensor import param_info, shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
 from .cores import Documents, build_attention_core, resolve_auto_core
@@ -43,7 +43,11 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
         core_heads, core_kv_heads = ulysses_heads(self.sp_group.size, self.heads, self.kv_heads)  # after the all-to-all
-        self.core = build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim, cfg.softmax_scale)
+        if self.ring_group.size > 1:  # the sp x ring hybrid: ring attention inside the Ulysses head-sharded region
+            self.core = ring_core(self.ring_group)
+        else:
+            self.core = build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim,
+                                             cfg.softmax_scale)
         self.scale = cfg.softmax_scale
         self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
         self.offload = memory.offload_activations
@@ -62,10 +66,8 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(b, s, self.kv_heads, self.head_dim)
 
     def attend(self, q, k, v, docs):
-        """Ulysses attention: all-to-all, the core on whole sequences, all-to-all back -> (b, s/sp, h/tp, hd). On a
-        ring (docs is then the RingMasks of this rank's zig-zag shard): ring attention -> (b, s/ring, h/tp, hd)."""
-        if self.ring_group.size > 1:
-            return ring_attention(q, k, v, self.ring_group, scale=self.scale, masks=docs)
+        """Ulysses attention: all-to-all, the core on whole sequences (on a ring: ring attention over this ring rank's
+        zig-zag shard, docs its RingMasks), all-to-all back -> (b, s/sp, h/tp, hd), s this ring rank's tokens."""
         core = recomputed(self.core, self.offload) if self.recompute_core else self.core
         return ulysses_attention(core, q, k, v, self.sp_group, docs=docs, scale=self.scale)
 
@@ -148,12 +150,10 @@ class GPT(nn.Module):
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def default_positions(self, b: int, s_local: int, device) -> torch.Tensor:
-        """Global positions of this SP rank's chunk (this ring rank's zig-zag shard) when the caller gives none."""
-        if self.ring_group.size > 1:
-            index = ring_token_index(self.ring_group.rank, self.ring_group.size, s_local // 2, device)
-            return index.expand(b, s_local)
-        start = self.mesh.rank("sp") * s_local
-        return torch.arange(start, start + s_local, device=device).expand(b, s_local)
+        """Global positions of this rank's tokens (its SP chunk of its ring rank's zig-zag shard) when the caller
+        gives none: the batch's own sharding applied to 0..s-1."""
+        whole = torch.arange(s_local * self.sp_group.size * self.ring_group.size, device=device).unsqueeze(0)
+        return shard_ring_sequence(whole, self.ring_group, self.sp_group).expand(b, s_local)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None,
@@ -199,10 +199,12 @@ class GPT(nn.Module):
 
     def documents(self, position_ids: torch.Tensor):
         """Where attention may look, built once per forward for every layer: Documents of the whole (sp-gathered)
-        sequence, or on a ring the RingMasks of this rank's zig-zag shard (causal by global index, per document)."""
+        sequence, or on a ring the RingMasks of this ring rank's (sp-gathered) zig-zag shard (causal by global index,
+        per document)."""
+        positions = gather_sequence_ids(position_ids, self.sp_group)  # what the core sees after the all-to-all
         if self.ring_group.size > 1:
-            return ring_masks(self.ring_group, position_ids.shape[1], position_ids)
-        return Documents.from_positions(gather_sequence_ids(position_ids, self.sp_group))  # whole sequence
+            return ring_masks(self.ring_group, positions.shape[1], positions)
+        return Documents.from_positions(positions)  # whole sequence
 
     def run_block(self, block: Block, x, cos, sin, docs):
         """One block; under full recompute only its input is kept (on the host with offload) and the rest re-run."""

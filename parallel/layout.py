@@ -26,13 +26,14 @@ def ulysses_heads(sp: int, heads: Optional[int], kv_heads: int, where: str = "",
     whose queries use it). `heads` None checks the kv heads alone; `where` says whose heads in the errors, `detail` how the query heads came about."""
     candidates = _divisors(heads) if heads is not None else range(1, 2 * sp + 1)
     ok = [d for d in candidates if kv_heads % d == 0 or d % kv_heads == 0]
+    beyond = "; for more sequence parallelism than that, add layout.ring (no head rule: sp x ring shards the sequence)"
     if heads is not None and heads % sp:
         raise LayoutError(f"sp = {sp} does not divide the {heads} heads{where}{detail}; Ulysses gives each SP rank whole "
-                          f"heads: use sp in {ok}")
+                          f"heads: use sp in {ok}{beyond}")
     if kv_heads % sp and sp % kv_heads:
         raise LayoutError(f"sp = {sp} and the {kv_heads} kv heads{where} neither divide each other; Ulysses needs sp "
                           f"to divide the kv heads, or the kv heads to divide sp (then they are replicated): use sp in "
-                          f"{ok}")
+                          f"{ok}{beyond}")
     return (None if heads is None else heads // sp), max(kv_heads, sp) // sp
 
 
@@ -50,8 +51,8 @@ class ParallelLayout:
     """Data-parallel degree; None infers it from the world size as world / (tp * sp * ring * pp)."""
     ring: int = 1
     """Ring attention degree: the sequence is sharded over ring ranks in the zig-zag layout (rank r holds chunks r and
-    2R-1-r of 2R) and k/v blocks pass around the ring; heads need not divide it. Alone for now (sp = 1, pp = 1, no
-    tp_sequence_parallel)."""
+    2R-1-r of 2R) and k/v blocks pass around the ring; heads need not divide it. With sp > 1 each ring shard is split
+    over sp (Ulysses inside, ring across: the sequence is sharded over sp x ring, the heads only over sp)."""
     vpp: int = 1
     """Virtual pipeline stages per rank (interleaved 1F1B); 1 means no interleaving."""
     schedule: Schedule = "1f1b"
@@ -83,12 +84,6 @@ class ParallelLayout:
         if self.tp_sequence_parallel and self.tp == 1:
             raise LayoutError("layout.tp_sequence_parallel = true needs tp > 1 (it shards norm regions over the TP group); "
                               "set layout.tp_sequence_parallel=false or raise tp")
-        if self.ring > 1 and (self.sp > 1 or self.pp > 1 or self.tp_sequence_parallel):
-            raise LayoutError(
-                f"ring with sp/pp/tp sequence parallelism is not supported yet: layout.ring = {self.ring} needs "
-                f"sp = 1, pp = 1 and tp_sequence_parallel = false (got sp = {self.sp}, pp = {self.pp}, "
-                f"tp_sequence_parallel = {str(self.tp_sequence_parallel).lower()}); use ring alone (with tp, dp), "
-                "or sp without ring")
         if self.stage_layers is not None and len(self.stage_layers) != self.pp * self.vpp:
             raise LayoutError(
                 f"layout.stage_layers has {len(self.stage_layers)} entries but pp * vpp = {self.pp} * {self.vpp} = "
@@ -128,7 +123,7 @@ class ParallelLayout:
 
     def check_model(self, *, heads: int, kv_heads: int, layers: int, seq_len: Optional[int] = None) -> None:
         """Check the layout against a model: heads vs tp * sp, kv heads vs tp and sp, layers vs pp, seq vs the
-        sequence-shard unit (ring needs no head rule: every ring rank keeps all its heads)."""
+        sequence-shard unit (the ring adds no head rule: heads are split over tp and sp only)."""
         tp, sp = self.tp, self.sp
         if heads % tp:
             ok = [d for d in _divisors(heads) if kv_heads % d == 0]

@@ -1,5 +1,6 @@
 """Memory savers (recompute, host offload, tiled MLP, tiled logits + loss) leave the loss and every gradient unchanged
-(fp32), on one device and under tensor (sequence-parallel) and Ulysses parallelism, and really drop what they say."""
+(fp32), on one device and under tensor (sequence-parallel), Ulysses and ring parallelism, and really drop what they
+say."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,7 +15,7 @@ from megalysses.parallel import ParallelLayout, ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.launch import run_ranks
-from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_sequence,
+from megalysses.parallel.sequence import (IGNORE_INDEX, count_valid_tokens, pad_sequence_batch, shard_ring_sequence,
                                           token_weighted_loss)
 from megalysses.parallel.tensor import gather_full
 from parity import SEED, compare, make_batch, reference
@@ -205,10 +206,9 @@ def sharded(cfg, mesh: ParallelMesh, batch, memory: MemoryConfig):
     """tests/parity.py's `sharded` with a MemoryConfig (and a mesh built once): loss and gathered full gradients."""
     model = GPT(cfg, mesh, memory=memory)
     model.init_weights(SEED)
-    sp, layout = mesh.group("sp"), mesh.layout
-    unit = mesh.size("sp") * (mesh.size("tp") if layout.tp_sequence_parallel else 1)
-    ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
-    ids, labels, pos = (shard_sequence(t, sp) for t in (ids, labels, pos))
+    ring, sp = mesh.group("ring"), mesh.group("sp")
+    ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, mesh.layout.sequence_unit)
+    ids, labels, pos = (shard_ring_sequence(t, ring, sp) for t in (ids, labels, pos))
     total = count_valid_tokens(labels, mesh.data_group())
     spy = LargestLogits(_local_vocab(model))
     with spy:
@@ -243,10 +243,12 @@ RANK_SAVERS = [SAVERS["selective+offload"], MemoryConfig(mlp_tiles=3), MemoryCon
     pytest.param(ParallelLayout(tp=2, tp_sequence_parallel=True), S, id="tp2-seqpar"),  # head input gathered: all 30
     pytest.param(ParallelLayout(sp=2), S // 2, id="sp2"),
     pytest.param(ParallelLayout(tp=2, sp=2, tp_sequence_parallel=True), 16, id="tp2-sp2-seqpar"),  # padded to 32
+    pytest.param(ParallelLayout(ring=2), 16, id="ring2"),  # padded to 32
+    pytest.param(ParallelLayout(sp=2, ring=2), 8, id="sp2-ring2"),
 ])
 def test_savers_match_single_device_on_ranks(layout, tokens_per_rank):
     batch = make_batch(CFG, batch=B, seq=S, packed=True, ignore_tail=5)
-    for rank_result in run_ranks(savers_on_rank, layout.tp * layout.sp, CFG, layout, batch, RANK_SAVERS):
+    for rank_result in run_ranks(savers_on_rank, layout.model_parallel_size, CFG, layout, batch, RANK_SAVERS):
         for memory, (loss_err, grad_err, worst, rows) in zip(RANK_SAVERS, rank_result):
             assert loss_err < 1e-6, memory
             assert grad_err < 1e-5, f"{memory}: {worst}"

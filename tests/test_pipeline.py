@@ -1,6 +1,6 @@
 """Pipeline parallelism on gloo ranks: every message arrives where the plan says, and GPT split into stages
-reproduces the single-device loss and every gradient (fp32) under GPipe, 1F1B and interleaved 1F1B, with TP, SP, DP,
-also with the lockstep rounds planned for NCCL.
+reproduces the single-device loss and every gradient (fp32) under GPipe, 1F1B and interleaved 1F1B, with TP, SP, DP and
+the ring, also with the lockstep rounds planned for NCCL.
 """
 import pytest
 import torch
@@ -14,7 +14,7 @@ from megalysses.parallel import collectives as C
 from megalysses.parallel.dp import all_reduce_gradients
 from megalysses.parallel.launch import RankFailure, run_ranks
 from megalysses.parallel.pipeline import plan_rank, plan_steps, rounds_of, run_rounds, schedule_actions
-from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_sequence
+from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_ring_sequence
 from megalysses.parallel.tensor import gather_full
 from parity import SEED, make_batch, reference
 
@@ -95,11 +95,11 @@ def test_a_stage_output_off_the_boundary_shape_fails_fast():
 
 
 def _micro_batches(batch, mesh: ParallelMesh):
-    """The step's batch as this rank's micro-batches: rows by dp, sequence chunk by sp, then micro-batch rows."""
-    dp, sp = mesh.group("dp"), mesh.group("sp")
-    unit = mesh.size("sp") * (mesh.size("tp") if mesh.layout.tp_sequence_parallel else 1)
-    ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, unit)
-    ids, pos, labels = (shard_sequence(t.chunk(dp.size)[dp.rank], sp) for t in (ids, pos, labels))
+    """The step's batch as this rank's micro-batches: rows by dp, sequence shard by ring and sp, then micro-batch
+    rows."""
+    dp, ring, sp = mesh.group("dp"), mesh.group("ring"), mesh.group("sp")
+    ids, labels, pos = pad_sequence_batch(batch.input_ids, batch.labels, batch.position_ids, mesh.layout.sequence_unit)
+    ids, pos, labels = (shard_ring_sequence(t.chunk(dp.size)[dp.rank], ring, sp) for t in (ids, pos, labels))
     return list(zip(*(t.split(MICRO_BATCH_SIZE) for t in (ids, pos, labels))))
 
 
@@ -147,6 +147,9 @@ LAYOUTS = [
     pytest.param(TIED, dict(pp=2, sp=2, tp=2, **INTERLEAVED), 8, id="pp2-sp2-tp2-interleaved", marks=pytest.mark.slow),
     pytest.param(TIED, dict(pp=2, sp=2, tp=2, tp_sequence_parallel=True, schedule="1f1b"), 8,
                  id="pp2-sp2-tp2-seqpar-1f1b", marks=pytest.mark.slow),
+    pytest.param(TIED, dict(pp=2, ring=2, schedule="1f1b"), 4, id="pp2-ring2-1f1b"),
+    pytest.param(UNTIED, dict(pp=2, ring=2, tp=2, tp_sequence_parallel=True, **INTERLEAVED), 8,
+                 id="pp2-ring2-tp2-seqpar-interleaved", marks=pytest.mark.slow),
 ]
 
 
@@ -155,10 +158,12 @@ def test_pipeline_matches_single_device(cfg, layout, world):
     _check_parity(cfg, ParallelLayout(**layout), world)
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_lockstep_plan_for_nccl_matches_single_device_on_gloo(pp):
-    """The lockstep rounds run_pipeline_step picks where p2p batches complete as a whole (NCCL), forced on gloo."""
-    _check_parity(TIED, ParallelLayout(pp=pp, **INTERLEAVED), pp, coalesced=True)
+@pytest.mark.parametrize("layout,world", [(dict(pp=2), 2), (dict(pp=4), 4), (dict(pp=2, ring=2), 4)],
+                         ids=["pp2", "pp4", "pp2-ring2"])
+def test_lockstep_plan_for_nccl_matches_single_device_on_gloo(layout, world):
+    """The lockstep rounds run_pipeline_step picks where p2p batches complete as a whole (NCCL), forced on gloo; with
+    a ring, its k/v passes run inside each stage's rounds."""
+    _check_parity(TIED, ParallelLayout(**layout, **INTERLEAVED), world, coalesced=True)
 
 
 def _check_parity(cfg, layout, world, coalesced=None):

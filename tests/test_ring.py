@@ -3,17 +3,24 @@
 Cases: one document per row, packed documents (positions resetting, documents crossing chunk and rank boundaries,
 one-token documents), GQA with h=4 over hk=2 and hk=1, and a length 2R does not divide (30 tokens, padded to a
 multiple of 2R at the end; the causal mask hides the padding from every real token, which is what the data path
-relies on: ring_shard itself refuses an undivided length).
+relies on: ring_shard itself refuses an undivided length). The sp x ring hybrid (Ulysses all-to-all inside, the ring
+across) runs the same cases on 2x2 and 2x4 / 4x2 ranks; hk=2 and hk=1 are then kv heads below the Ulysses degree.
 """
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from megalysses.models.cores import Documents, sdpa_attention
 from megalysses.parallel import ParallelLayout, ParallelMesh
+from megalysses.parallel import collectives as C
 from megalysses.parallel.collectives import CommGroup
 from megalysses.parallel.launch import run_ranks
-from megalysses.parallel.sequence import pad_sequence_batch, ring_attention, ring_masks, ring_shard, ring_unshard
-from megalysses.parallel.sequence.ring import RingMasks, document_ids
+from megalysses.parallel.sequence import (gather_sequence_ids, pad_sequence_batch, ring_attention, ring_core,
+                                          ring_masks, ring_shard, ring_unshard, shard_ring_sequence,
+                                          ulysses_attention)
+from megalysses.parallel.sequence.ring import RingMasks, causal_chunk_pairs, document_ids, ring_chunks
 
 HEADS, DIM, BATCH = 4, 8, 2
 
@@ -91,6 +98,36 @@ def test_ring_matches_single_device(world, case):
             assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
 
 
+def _hybrid_case(rank, world, sp, case):
+    """sp x ring: shards as the data path cuts them (ring zig-zag, then sp), Ulysses around the ring core."""
+    mesh = ParallelMesh(ParallelLayout(sp=sp, ring=world // sp))
+    ring, sp_group = mesh.group("ring"), mesh.group("sp")
+    q, k, v, grad_out, positions = _inputs(case)
+    ref_out, ref_grads = _reference(q, k, v, grad_out, positions)
+    seq, multiple = q.shape[1], mesh.layout.sequence_unit
+    if positions is None:
+        positions = torch.arange(seq).expand(BATCH, seq)
+    ids = torch.zeros(BATCH, seq, dtype=torch.long)
+    _, _, positions = pad_sequence_batch(ids, ids, positions, multiple)
+    shard = lambda t: shard_ring_sequence(t, ring, sp_group)  # noqa: E731
+    shards = [shard(_pad(t, multiple)).requires_grad_() for t in (q, k, v)]
+    ring_positions = gather_sequence_ids(shard(positions), sp_group)  # this ring rank's zig-zag shard
+    masks = ring_masks(ring, ring_positions.shape[1], ring_positions)
+    out = ulysses_attention(ring_core(ring), *shards, sp_group, docs=masks)
+    out.backward(shard(_pad(grad_out, multiple)))
+    unshard = lambda t: ring_unshard(C.all_gather(t.contiguous(), sp_group, dim=1), ring)[:, :seq]  # noqa: E731
+    whole = [unshard(t) for t in [out.detach()] + [s.grad for s in shards]]
+    return [_rel(a, b) for a, b in zip(whole, [ref_out, *ref_grads])]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("sp,world", [(2, 4), (2, 8), (4, 8)], ids=["sp2-ring2", "sp2-ring4", "sp4-ring2"])
+def test_sp_by_ring_matches_single_device(sp, world, case):
+    for rank, errors in enumerate(run_ranks(_hybrid_case, world, sp, case)):
+        for name, err in zip(("out", "dq", "dk", "dv"), errors):
+            assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
+
+
 def test_one_rank_ring_is_plain_attention():
     q, k, v, grad_out, positions = _inputs("gqa-hk2")
     ref_out, ref_grads = _reference(q, k, v, grad_out, positions)
@@ -128,6 +165,23 @@ def test_causal_work_is_balanced_over_ranks_and_steps():
         assert work == ({3 * chunk * chunk} if step == 0 else {2 * chunk * chunk}), (step, work)
 
 
+def test_causal_chunk_pairs_cover_exactly_the_causal_mask():
+    """The mask-free plan (what a fused block core runs) allows exactly the pairs RingMasks allows, for every rank,
+    step and ring size."""
+    chunk = 3
+    for ranks in (1, 2, 3, 4):
+        for rank in range(ranks):
+            for src in range(ranks):
+                allowed = torch.zeros(2 * chunk, 2 * chunk, dtype=torch.bool)
+                local = {c: i for i, c in enumerate(ring_chunks(rank, ranks))}, {
+                    c: i for i, c in enumerate(ring_chunks(src, ranks))}
+                for qc, kc, causal in causal_chunk_pairs(rank, src, ranks):
+                    block = torch.ones(chunk, chunk, dtype=torch.bool)
+                    qi, ki = local[0][qc] * chunk, local[1][kc] * chunk
+                    allowed[qi:qi + chunk, ki:ki + chunk] = block.tril() if causal else block
+                assert torch.equal(allowed, RingMasks(rank, ranks, chunk).mask(src, "cpu")[0]), (ranks, rank, src)
+
+
 def test_blocks_no_document_crosses_are_skipped():
     """Documents that each fit inside one chunk: a rank attends only to its own k/v block."""
     ranks, chunk = 2, 4
@@ -153,3 +207,17 @@ def test_bf16_inputs_keep_their_dtype_and_stay_close():
     assert out.dtype == q.grad.dtype == k.grad.dtype == torch.bfloat16
     assert _rel(out.float(), ref_out) < 2e-2
     assert all(_rel(a.float(), b) < 3e-2 for a, b in zip((q.grad, k.grad, v.grad), ref_grads))
+
+
+def test_ring_benchmark_runs_on_cpu_and_its_ring_reproduces_the_fused_core(capsys):
+    """scripts/bench_ring.py --tiny: every (S, R) row is measured and its simulated ring matches the fused call."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ring.py"
+    spec = importlib.util.spec_from_file_location("bench_ring", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--rings", "2,4", "--iters", "1", "--warmup", "0"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64") or
+            line.startswith("| 256")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("| 64", "2", "reference"), ("| 64", "4", "reference"),
+                                                  ("| 256", "2", "reference"), ("| 256", "4", "reference")]
+    assert all(float(r[-1].rstrip(" |")) < 1e-5 for r in rows), rows

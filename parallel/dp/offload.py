@@ -2,8 +2,9 @@
 one bucket at a time, with the next bucket's copy in flight while the current one steps."""
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -74,11 +75,34 @@ class HostStaging:
         self.cuda = device.type == "cuda"
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self.side = torch.cuda.Stream(device) if self.cuda else None  # where a deferred step runs
 
     def begin(self) -> None:
-        """Order this step's fetches after everything queued so far (the last step's write-backs included)."""
+        """Order this step's fetches after everything queued so far: the gradients, and the last step's write-backs
+        into the same host blocks."""
         if self.cuda:
             self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+            self.h2d.wait_stream(self.d2h)
+
+    @contextlib.contextmanager
+    def stepping(self, deferred: bool) -> Iterator[None]:
+        """Run the step's kernels on the compute stream, or (deferred) on the side stream after what the compute
+        stream has queued, without the compute stream waiting for them: it waits per bucket (await_mark)."""
+        if not (self.cuda and deferred):
+            yield
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            yield
+
+    def mark(self) -> Optional[torch.cuda.Event]:
+        """An event after the work queued so far on the current stream (None on a CPU)."""
+        return torch.cuda.current_stream(self.device).record_event() if self.cuda else None
+
+    def await_mark(self, mark: Optional[torch.cuda.Event]) -> None:
+        """The current stream waits for a mark's work."""
+        if mark is not None:
+            torch.cuda.current_stream(self.device).wait_event(mark)
 
     def fetch(self, host: torch.Tensor) -> StagedBlock:
         """Start copying a host block to the device; use it after `wait`."""
@@ -108,7 +132,7 @@ class HostStaging:
         block.record_stream(self.d2h)  # its memory is reused only after the copy
 
     def end(self) -> None:
-        """Later work on the compute stream (the next step's fetches) waits for this step's write-backs."""
+        """Later work on the stepping stream waits for this step's write-backs (their device blocks stay alive)."""
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.d2h)
 

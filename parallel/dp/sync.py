@@ -126,10 +126,12 @@ class GradSync:
         for p in params:
             C.all_reduce(self.main_grad(p), group)
 
-    def zero_grad(self) -> None:
-        """Zero the main gradients and forget the launched buckets: call after each optimizer step."""
-        for buf in self.buffers:
-            buf.data.zero_()
+    def zero_grad(self, zero_buffers: bool = True) -> None:
+        """Zero the main gradients and forget the launched buckets: call after each optimizer step (`zero_buffers`
+        False: the optimizer has zeroed the buffers itself)."""
+        if zero_buffers:
+            for buf in self.buffers:
+                buf.data.zero_()
         for bucket in self.buckets:
             bucket.ready.clear()
             bucket.pending = None
@@ -154,6 +156,14 @@ class GradSync:
         """p's bucket and its element range [start, end) in the bucket's buffer."""
         buf, bucket = self._home[id(p)]
         return (bucket, *buf.ranges[id(p)])
+
+    def holds(self, p: torch.nn.Parameter) -> bool:
+        """Whether p's main gradient lives in these buffers."""
+        return id(p) in self._home
+
+    def bucket_main_grads(self, bucket: Bucket) -> torch.Tensor:
+        """The whole bucket's main gradients, padding included: a view of its buffer."""
+        return self._buffer_of(bucket).data[bucket.start:bucket.end]
 
     def main_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
         """p's fp32 main gradient (summed over dp x ring x sp after finish() unless sharded: then only the owned part)."""

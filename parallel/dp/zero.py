@@ -3,6 +3,7 @@ on the device or in host memory."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -75,6 +76,8 @@ class DistributedOptimizer:
                               for b in grad_sync.buckets}
         self._bucket_segments = {b.index: [s for s in self._segments if s.bucket is b] for b in grad_sync.buckets}
         self.optimizer = optimizer_cls(inner_groups, **defaults)
+        self._grads_zeroed = False  # the last (offloaded, deferred) step zeroed the main gradients itself
+        self._stepped: dict[int, Any] = {}  # bucket index -> the mark its deferred step recorded
         if offload:
             self._staging = HostStaging(self.device)
             self._init_offloaded_state()
@@ -136,21 +139,47 @@ class DistributedOptimizer:
         self._land([self._publish(bucket, self._masters[bucket]) for bucket in self.sync.buckets])
 
     def _streamed_step(self) -> None:
-        """Offload: fetch bucket i + 1's state block while bucket i steps on the device, then write it back."""
-        buckets, staging = self.sync.buckets, self._staging
+        """Offload: fetch bucket i + 1's state block while bucket i steps on the device, then write it back.
+
+        Unsharded (one rank owns every element), the buckets step in forward order on a side stream that the host
+        does not wait for: the next forward waits (wait_for_step) only for the buckets of the layer it is about to
+        run, so streaming the later layers' state overlaps the earlier layers' forward. Each bucket's main gradients
+        are zeroed right after its step, on that stream."""
+        staging, deferred = self._staging, self.sync.shards == 1
+        buckets = self.sync.buckets[::-1] if deferred else self.sync.buckets  # forward order: embedding first
         staging.begin()
         gathers = []
-        following = staging.fetch(self._blocks[buckets[0]])
-        for i, bucket in enumerate(buckets):
-            staged = following
-            following = staging.fetch(self._blocks[buckets[i + 1]]) if i + 1 < len(buckets) else None
-            block = staging.wait(staged)  # (3, owned elements) on the device
-            with self._stepping_on(bucket, block):
-                self.optimizer.step()
-            gathers.append(self._publish(bucket, block[0]))
-            staging.write_back(block, self._blocks[bucket])
-        staging.end()
+        with staging.stepping(deferred):
+            following = staging.fetch(self._blocks[buckets[0]])
+            for i, bucket in enumerate(buckets):
+                staged = following
+                following = staging.fetch(self._blocks[buckets[i + 1]]) if i + 1 < len(buckets) else None
+                block = staging.wait(staged)  # (3, owned elements) on the device
+                with self._stepping_on(bucket, block):
+                    self.optimizer.step()
+                gathers.append(self._publish(bucket, block[0]))
+                staging.write_back(block, self._blocks[bucket])
+                if deferred:
+                    self.sync.bucket_main_grads(bucket).zero_()
+                    self._stepped[bucket.index] = staging.mark()
+            staging.end()
+        self._grads_zeroed = deferred
         self._land(gathers)
+
+    def wait_for_step(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Before each of these modules runs forward, the compute stream waits for the deferred step of the buckets
+        holding its own parameters (nothing to wait for on a CPU or before the first step)."""
+        for module in modules:
+            mine = sorted({self.sync.buffer_range(p)[0].index for p in module.parameters(recurse=False)
+                           if self.sync.holds(p)})
+            if mine:
+                module.register_forward_pre_hook(functools.partial(self._await_buckets, mine))
+
+    def _await_buckets(self, indices: list[int], *_) -> None:
+        for index in indices:
+            done = self._stepped.pop(index, None)
+            if done is not None:
+                self._staging.await_mark(done)
 
     @contextlib.contextmanager
     def _stepping_on(self, bucket: Bucket, block: torch.Tensor) -> Iterator[None]:
@@ -208,8 +237,10 @@ class DistributedOptimizer:
                 p.detach().view(-1).copy_(flat[start - bucket.start:end - bucket.start])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the main gradients (the inner optimizer's gradients alias them)."""
-        self.sync.zero_grad()
+        """Zero the main gradients (the inner optimizer's gradients alias them), unless a deferred offloaded step
+        already zeroes them bucket by bucket on its stream."""
+        self.sync.zero_grad(zero_buffers=not self._grads_zeroed)
+        self._grads_zeroed = False
 
     def state_bytes(self, keys: Optional[Iterable[str]] = None) -> int:
         """Bytes of optimizer state on this rank (all of AdamW's exp_avg, exp_avg_sq, step, or those in `keys`)."""

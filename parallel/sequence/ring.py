@@ -2,6 +2,10 @@
 
 Layout (causal load balancing, the "zig-zag" split): the sequence is cut into 2R chunks and rank r holds chunks r and
 2R-1-r, so at every ring step each rank has the same amount of causal work. Tensors are (b, s/R, h, d).
+
+The sp x ring hybrid (Ulysses inside, ring across): each ring rank's zig-zag shard is split contiguously over sp; the
+Ulysses all-to-all gives every SP rank the whole ring shard for its head subset, and `ring_core` runs the ring over
+the ring ranks that hold the same heads.
 """
 from __future__ import annotations
 
@@ -105,6 +109,13 @@ class RingMasks:
             ks = slice(0, 2 * c) if all(live) else halves[live.index(True)]
             blocks.append((qs, ks, mask[:, qs, ks]))
         return blocks
+
+
+def causal_chunk_pairs(rank: int, src: int, ranks: int) -> list[tuple[int, int, bool]]:
+    """The causal ring step without masks (one document per row): (query chunk, key chunk, causal) for each pair of
+    this rank's chunks and rank src's chunks (global chunk indices of 2R) that attends at all: key chunk before the
+    query chunk -> whole block, the same chunk -> causal square, after -> skipped. What a fused block core runs."""
+    return [(qc, kc, qc == kc) for qc in ring_chunks(rank, ranks) for kc in ring_chunks(src, ranks) if kc <= qc]
 
 
 def ring_masks(group: CommGroup, local_len: int, positions: Optional[torch.Tensor] = None) -> RingMasks:
@@ -268,3 +279,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Com
         masks = ring_masks(group, q.shape[SEQ_DIM], positions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _RingAttention.apply(q, k, v, group, masks, scale)
+
+
+def ring_core(group: CommGroup):
+    """Ring attention as a local attention core, `core(q, k, v, docs=RingMasks, scale=None)`: what ulysses_attention
+    runs in its head-sharded region to make the sp x ring hybrid (q (b, s/R, h/sp, d) holds this ring rank's whole
+    zig-zag shard)."""
+    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RingMasks,
+             scale: Optional[float] = None) -> torch.Tensor:
+        return ring_attention(q, k, v, group, scale=scale, masks=docs)
+    return core

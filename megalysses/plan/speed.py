@@ -164,7 +164,7 @@ def step_time(cfg: RunConfig, layout: ParallelLayout, state: StateBytes, device:
     params = state.params / act if state.params else (state.host_params / FP32)
     parts["gradient accumulation"] = micro * params * (act + 2 * FP32) / (float(rates["elementwise_gbps"]) * 1e9)
     parts["data-parallel sync (exposed)"] = _data_parallel(state, layout, comm, busy * 2 / 3)
-    parts["optimizer"] = _optimizer(state, layout, cfg, rates, comm)
+    parts["optimizer"] = _optimizer(state, cfg, rates, busy / 3)
     parts["activation offload (exposed)"] = _offload(shapes, memory, layers, rates, busy, micro)
     tokens_step = t.global_batch_size * seq
     model = flops_per_token(m, seq) * tokens_step
@@ -229,14 +229,16 @@ def _data_parallel(state: StateBytes, layout: ParallelLayout, comm: _Comm, backw
     return exposed
 
 
-def _optimizer(state: StateBytes, layout: ParallelLayout, cfg: RunConfig, rates: Mapping, comm: _Comm) -> float:
-    """AdamW over the owned elements (memory-bound: masters, moments, gradients read and written), plus the host
-    round trip of the optimizer state when it is offloaded."""
+def _optimizer(state: StateBytes, cfg: RunConfig, rates: Mapping, forward: float) -> float:
+    """AdamW over the owned elements (memory-bound: masters, moments, gradients read and written); with the optimizer
+    state offloaded, its host round trip beyond the next forward it overlaps (the step is deferred bucket by bucket,
+    parallel/dp/zero.py)."""
     owned = (state.masters + state.host_masters) // FP32 or (state.moments + state.host_moments) // MOMENT_BYTES
     hbm = float(rates["elementwise_gbps"]) * 1e9
     update = owned * (2 * FP32 + 2 * MOMENT_BYTES + FP32 + activation_dtype_bytes(cfg)) / hbm
     if offload_optimizer(cfg):
-        update += owned * (2 * (FP32 + MOMENT_BYTES) + FP32) / (float(rates["host_copy_gbps"]) * 1e9)
+        copies = owned * 2 * (FP32 + MOMENT_BYTES) / (float(rates["host_copy_gbps"]) * 1e9)
+        update += max(0.0, copies - forward)
     return update
 
 

@@ -23,7 +23,7 @@ FP32 = 4
 MOMENT_BYTES = 2 * FP32  # AdamW exp_avg + exp_avg_sq per owned element
 STAGED_BLOCKS = 3
 """Optimizer offload (parallel/dp/offload.py HostStaging): state blocks on the device at once while stepping: the
-bucket stepping, the next one being fetched, the previous one being written back."""
+bucket stepping, the next one being fetched, the previous one being written back (consecutive buckets)."""
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,12 @@ def _state_bytes(model: GPTConfig, layout: ParallelLayout, param_dtype_bytes: in
     buffers = _grad_buffers(key, bucket_numel, shards * (ALIGN if cuda else 1))
     grads = sum(b.data.numel() for b in buffers) * FP32
     owned_padded = owned = runs = largest = 0
+    chunks = []  # owned elements of each bucket, in the order the step walks them
     for buf in buffers:
         for bucket in buf.buckets:
             largest = max(largest, bucket.end - bucket.start)
             lo, hi = bucket.chunk(data_rank, shards)
+            chunks.append(hi - lo)
             owned_padded += hi - lo
             segments = buf.segments(bucket, lo, hi)
             owned += sum(s.hi - s.lo for s in segments)
@@ -168,7 +170,8 @@ def _state_bytes(model: GPTConfig, layout: ParallelLayout, param_dtype_bytes: in
     masters, moments = owned_padded * FP32, owned * MOMENT_BYTES
     if offload_optimizer:  # one host block (master, exp_avg, exp_avg_sq) per owned bucket chunk, padding included;
         # while stepping, the device holds the current bucket's block, the next one's fetch and the last write-back
-        staging = STAGED_BLOCKS * (largest // shards) * (FP32 + MOMENT_BYTES)
+        window = max(sum(chunks[i:i + STAGED_BLOCKS]) for i in range(max(1, len(chunks) - STAGED_BLOCKS + 1)))
+        staging = window * (FP32 + MOMENT_BYTES)
         return StateBytes(**state, host_masters=masters, host_moments=owned_padded * MOMENT_BYTES,
                           optimizer_steps=runs * FP32, staging=staging)
     return StateBytes(**state, masters=masters, moments=moments, optimizer_steps=runs * FP32)

@@ -135,7 +135,7 @@ def hf_row(cfg: RunConfig, rows: torch.Tensor, device: torch.device, steps: int,
     """Time the HF model on the same token rows (global batch, seq), cut into the run's micro-batches."""
     model = build_hf_model(cfg, device, liger, checkpointing)
     t = cfg.train
-    optimizer = build_optimizer(model, t)  # our AdamW groups and settings (fused on CUDA), on HF's bf16 parameters
+    optimizer = build_optimizer(model, t, device.type)  # our AdamW groups and settings (fused on CUDA), on HF's bf16 parameters
     micro = [m.to(device) for m in rows.split(t.micro_batch_size)]
     release(device)
     for _ in range(warmup):

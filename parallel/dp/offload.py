@@ -57,25 +57,35 @@ def _unpin(addresses: list[int], _buffer: torch.Tensor) -> None:
         cudart.cudaHostUnregister(addresses.pop())
 
 
-class StagedBlock:
-    """A state block's device copy while its bucket steps; `ready` is the event its host-to-device copy records."""
+SLOTS = 3
+"""Device staging buffers: one being fetched, one stepping, one being written back."""
 
-    def __init__(self, device_block: torch.Tensor, ready: Optional[torch.cuda.Event]):
-        self.block, self.ready = device_block, ready
+
+class StagedBlock:
+    """A state block's device copy in staging slot `slot`; `ready` is the event its host-to-device copy records."""
+
+    def __init__(self, device_block: torch.Tensor, ready: Optional[torch.cuda.Event], slot: int):
+        self.block, self.ready, self.slot = device_block, ready, slot
 
 
 class HostStaging:
-    """Streams state blocks between host and device: host-to-device on one side stream, device-to-host on another,
-    so the next bucket's fetch, the current bucket's step and the previous bucket's write-back overlap.
+    """Streams state blocks between host and device through SLOTS fixed device buffers: host-to-device on one side
+    stream, device-to-host on another, so the next bucket's fetch, the current bucket's step and the previous
+    bucket's write-back overlap. The ordering lives on the GPU (a slot is refilled only after its write-back has
+    read it), so the host never waits and the device holds at most SLOTS blocks however far the host runs ahead.
 
     On a CPU device the same calls run as plain copies (no streams), so CPU tests walk the same path."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, block_numel: int):
         self.device = device
         self.cuda = device.type == "cuda"
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
         self.side = torch.cuda.Stream(device) if self.cuda else None  # where a deferred step runs
+        self.slots = ([torch.empty(block_numel, dtype=torch.float32, device=device) for _ in range(SLOTS)]
+                      if self.cuda else [])  # (largest block's numel,) each
+        self.emptied: list[Optional[torch.cuda.Event]] = [None] * SLOTS  # a slot's last write-back has read it
+        self._turn = 0
 
     def begin(self) -> None:
         """Order this step's fetches after everything queued so far: the gradients, and the last step's write-backs
@@ -105,31 +115,32 @@ class HostStaging:
             torch.cuda.current_stream(self.device).wait_event(mark)
 
     def fetch(self, host: torch.Tensor) -> StagedBlock:
-        """Start copying a host block to the device; use it after `wait`."""
+        """Start copying a host block into the next free slot; use it after `wait`."""
+        slot, self._turn = self._turn, (self._turn + 1) % SLOTS
         if not self.cuda:
-            return StagedBlock(host.clone(), None)
+            return StagedBlock(host.clone(), None, slot)
+        block = self.slots[slot][:host.numel()].view(host.shape)
+        if self.emptied[slot] is not None:
+            self.h2d.wait_event(self.emptied[slot])  # its previous block has been written back
         with torch.cuda.stream(self.h2d):
-            block = torch.empty(host.shape, dtype=host.dtype, device=self.device)
             block.copy_(host, non_blocking=True)
-            return StagedBlock(block, self.h2d.record_event())
+            return StagedBlock(block, self.h2d.record_event(), slot)
 
     def wait(self, staged: StagedBlock) -> torch.Tensor:
-        """The device block, once its copy has landed (the compute stream waits, not the host)."""
+        """The device block, once its copy has landed (the current stream waits, not the host)."""
         if self.cuda:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(staged.ready)
-            staged.block.record_stream(current)  # allocated on the copy stream, used on this one
+            torch.cuda.current_stream(self.device).wait_event(staged.ready)
         return staged.block
 
-    def write_back(self, block: torch.Tensor, host: torch.Tensor) -> None:
-        """Copy an updated device block into its host block once the compute stream has written it."""
+    def write_back(self, staged: StagedBlock, host: torch.Tensor) -> None:
+        """Copy an updated device block into its host block once the current stream has written it."""
         if not self.cuda:
-            host.copy_(block)
+            host.copy_(staged.block)
             return
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h):
-            host.copy_(block, non_blocking=True)
-        block.record_stream(self.d2h)  # its memory is reused only after the copy
+            host.copy_(staged.block, non_blocking=True)
+            self.emptied[staged.slot] = self.d2h.record_event()
 
     def end(self) -> None:
         """Later work on the stepping stream waits for this step's write-backs (their device blocks stay alive)."""

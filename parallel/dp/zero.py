@@ -79,7 +79,7 @@ class DistributedOptimizer:
         self._grads_zeroed = False  # the last (offloaded, deferred) step zeroed the main gradients itself
         self._stepped: dict[int, Any] = {}  # bucket index -> the mark its deferred step recorded
         if offload:
-            self._staging = HostStaging(self.device)
+            self._staging = HostStaging(self.device, max(b.numel() for b in self._blocks.values()))
             self._init_offloaded_state()
         if param_dtype is not None:  # masters keep the fp32 values; the model computes in param_dtype
             for p in grad_sync.params:
@@ -158,7 +158,7 @@ class DistributedOptimizer:
                 with self._stepping_on(bucket, block):
                     self.optimizer.step()
                 gathers.append(self._publish(bucket, block[0]))
-                staging.write_back(block, self._blocks[bucket])
+                staging.write_back(staged, self._blocks[bucket])
                 if deferred:
                     self.sync.bucket_main_grads(bucket).zero_()
                     self._stepped[bucket.index] = staging.mark()

@@ -16,14 +16,12 @@ from megalysses.models.build import model_inventory
 from megalysses.models.config import GPTConfig
 from megalysses.models.spec import norm_grad_sums_over_tp
 from megalysses.parallel.dp.buffers import ALIGN, GradBuffer
+from megalysses.parallel.dp.offload import SLOTS
 from megalysses.parallel.layout import ParallelLayout
 from megalysses.parallel.pipeline import local_virtual_stages, stage_layer_ids
 
 FP32 = 4
 MOMENT_BYTES = 2 * FP32  # AdamW exp_avg + exp_avg_sq per owned element
-STAGED_BLOCKS = 3
-"""Optimizer offload (parallel/dp/offload.py HostStaging): state blocks on the device at once while stepping: the
-bucket stepping, the next one being fetched, the previous one being written back (consecutive buckets)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ def _state_bytes(model: GPTConfig, layout: ParallelLayout, param_dtype_bytes: in
     buffers = _grad_buffers(key, bucket_numel, shards * (ALIGN if cuda else 1))
     grads = sum(b.data.numel() for b in buffers) * FP32
     owned_padded = owned = runs = largest = 0
-    chunks = []  # owned elements of each bucket, in the order the step walks them
+    chunks = []  # owned elements of each bucket
     for buf in buffers:
         for bucket in buf.buckets:
             largest = max(largest, bucket.end - bucket.start)
@@ -169,9 +167,8 @@ def _state_bytes(model: GPTConfig, layout: ParallelLayout, param_dtype_bytes: in
                  largest_bucket=largest, largest_param_grad=max(p.numel for p in params) * param_dtype_bytes)
     masters, moments = owned_padded * FP32, owned * MOMENT_BYTES
     if offload_optimizer:  # one host block (master, exp_avg, exp_avg_sq) per owned bucket chunk, padding included;
-        # while stepping, the device holds the current bucket's block, the next one's fetch and the last write-back
-        window = max(sum(chunks[i:i + STAGED_BLOCKS]) for i in range(max(1, len(chunks) - STAGED_BLOCKS + 1)))
-        staging = window * (FP32 + MOMENT_BYTES)
+        # the device keeps SLOTS staging buffers of the largest block (stepping, fetching, writing back)
+        staging = SLOTS * max(chunks) * (FP32 + MOMENT_BYTES) if cuda else 0  # a CPU run steps the host blocks
         return StateBytes(**state, host_masters=masters, host_moments=owned_padded * MOMENT_BYTES,
                           optimizer_steps=runs * FP32, staging=staging)
     return StateBytes(**state, masters=masters, moments=moments, optimizer_steps=runs * FP32)

@@ -234,6 +234,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     parser.add_argument("--profile", type=Path, default=None, help="folder for one profiled step per length")
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="run even where the planner predicts the run does not fit (to measure it)")
     add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     apply_debug_flag(args)
@@ -245,7 +247,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_checked("megalysses-bench", args.config, ["train.init=device", *args.overrides], data=False,
-                       seq_lens=args.seq_lens or ())
+                       seq_lens=args.seq_lens or (), check_memory=not args.skip_memory_check)
     if cfg is None:
         return 2
     return launch(run_bench, cfg, args, nproc=cfg.train.nproc, device_type=cfg.train.device, command="megalysses.bench")

@@ -43,21 +43,27 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     return 3 * sum(forward_flops_per_token(cfg, seq_len).values())
 
 
+def recomputed_forwards(memory: MemoryConfig) -> dict[str, int]:
+    """Extra forwards of each part that the memory savers re-run in backward (the tiles nest inside a recomputed
+    block: an MLP in tiles under full recompute runs three forwards)."""
+    redo = dict.fromkeys(("attn_proj", "attn_core", "mlp", "head"), 0)
+    if memory.recompute in ("full", "around_core"):
+        redo["attn_proj"] += 1
+        redo["mlp"] += 1
+    if memory.recompute in ("full", "selective"):
+        redo["attn_core"] += 1
+    if memory.mlp_tiles > 1:
+        redo["mlp"] += 1
+    if memory.loss_tiles > 1 and not memory.fused_loss:  # the fused head + loss forms its gradients in forward
+        redo["head"] += 1
+    return redo
+
+
 def hardware_flops_per_token(cfg: GPTConfig, memory: MemoryConfig, seq_len: int) -> float:
     """Training FLOPs per token the device executes: the model FLOPs plus the forwards the memory savers re-run."""
     fwd = forward_flops_per_token(cfg, seq_len)
-    redo = 0.0
-    if memory.recompute == "full":
-        redo += fwd["attn_proj"] + fwd["attn_core"] + fwd["mlp"]
-    elif memory.recompute == "around_core":
-        redo += fwd["attn_proj"] + fwd["mlp"]
-    elif memory.recompute == "selective":
-        redo += fwd["attn_core"]
-    if memory.mlp_tiles > 1:
-        redo += fwd["mlp"]
-    if memory.loss_tiles > 1 and not memory.fused_loss:  # the fused head + loss forms its gradients in forward
-        redo += fwd["head"]
-    return flops_per_token(cfg, seq_len) + redo
+    redo = recomputed_forwards(memory)
+    return flops_per_token(cfg, seq_len) + sum(fwd[part] * n for part, n in redo.items())
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> float:

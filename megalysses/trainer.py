@@ -25,6 +25,7 @@ from megalysses.models.pipeline import run_pipeline_step, tied_parameters
 from megalysses.parallel import ParallelMesh
 from megalysses.parallel import collectives as C
 from megalysses.parallel.sequence import count_valid_tokens, pad_sequence_batch, shard_ring_sequence
+from megalysses.plan.run import prepare_run
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, save_resolved
@@ -95,6 +96,9 @@ class Trainer:
     """One rank's training: mesh, model chunks, data-parallel optimizer, precision and micro-batching."""
 
     def __init__(self, cfg: RunConfig):
+        if cfg.memory.auto_keys():  # a library caller's config ('auto' is resolved before the ranks start by the CLIs)
+            cfg, why = prepare_run(cfg, dist.get_world_size(), check=False)
+            logging.getLogger("megalysses").info("%s", why)
         self.cfg = cfg
         self.mesh = ParallelMesh(cfg.check(dist.get_world_size()), device_type=cfg.train.device)
         self.device = self.mesh.device
@@ -227,6 +231,7 @@ def train(cfg: RunConfig) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="megalysses: %(message)s")
     trainer = Trainer(cfg)
+    cfg = trainer.cfg  # memory 'auto' resolved
     data = StepData(cfg, trainer.mesh)
     checkpoints = Checkpointer(cfg, trainer.mesh, trainer.chunks, trainer.dp, loaders=data.loaders)
     if rank == 0:

@@ -77,8 +77,13 @@ def convert_value(tp: Any, value: Any, path: str, key: str) -> Any:
         if value is None and type(None) in get_args(tp):
             return None
         inner = optional_inner(tp)
-        if inner is tp:
-            raise TypeError(f"unsupported config type {tp} at {key}")
+        if inner is tp:  # a union of several types (e.g. int or 'auto'): the first that takes the value
+            for member in get_args(tp):
+                try:
+                    return convert_value(member, value, path, key)
+                except ConfigError:
+                    continue
+            raise wrong_type(tp, value, path, key)
         try:
             return convert_value(inner, value, path, key)
         except ConfigError as e:
@@ -182,3 +187,37 @@ def from_dict(cls, data: dict, path: str = "<dict>", key: str = ""):
 def to_dict(cfg) -> dict:
     """A config dataclass as nested plain dicts/lists (what from_dict takes back)."""
     return dataclasses.asdict(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal that follows its annotation), by name."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_keys(cfg, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring) for every leaf key of a config dataclass, sections in order."""
+    out = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.extend(describe_keys(value, key))
+        else:
+            out.append((key, value, docs.get(f.name, "")))
+    return out

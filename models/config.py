@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, Union, get_args
 
 
 Backend = Literal["torch", "te"]
@@ -113,13 +113,16 @@ class GPTConfig:
         return self.num_layers * block + emb + d
 
 
-Recompute = Literal["none", "selective", "around_core", "full"]
+Recompute = Literal["none", "selective", "around_core", "full", "auto"]
 RECOMPUTE = get_args(Recompute)
+AUTO = "auto"
+"""A memory key left to the planner (megalysses.plan): the fastest setting predicted to fit, chosen at start."""
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """Activation-memory savers for long sequences; each one leaves the loss and every gradient unchanged."""
+    """Activation-memory savers for long sequences; each one leaves the loss and every gradient unchanged. Any key may
+    be 'auto': the planner picks, before the ranks start, the fastest combination predicted to fit (and logs why)."""
 
     recompute: Recompute = "none"
     """Activation checkpointing: 'full' keeps only each block's input and recomputes the block in backward;
@@ -127,35 +130,54 @@ class MemoryConfig:
     not re-run (it saves the core's output and softmax statistics, and the (s, s) scores where a core materialises
     them); 'around_core' recomputes everything in the block except the attention core, whose inputs and output are
     kept, and no all-to-all re-runs (with a flash-style core the cheapest recompute at long sequences, where the
-    core dominates the FLOPs); 'none' keeps everything. With a ring degree the core is ring attention, which keeps
-    only q, k, v, its output and log-sum-exp: 'selective' then frees just the output and log-sum-exp and re-runs the
-    ring's k/v passes in backward ('full' re-runs them too), while 'around_core' keeps the core's inputs and output
-    and re-runs no ring pass: the one worth taking there."""
-    offload_activations: bool = False
+    core dominates the FLOPs); 'none' keeps everything; 'auto' lets the planner choose. With a ring degree the core
+    is ring attention, which keeps only q, k, v, its output and log-sum-exp: 'selective' then frees just the output
+    and log-sum-exp and re-runs the ring's k/v passes in backward ('full' re-runs them too), while 'around_core' keeps
+    the core's inputs and output and re-runs no ring pass: the one worth taking there."""
+    offload_activations: Union[bool, Literal["auto"]] = False
     """Move the inputs of every recomputed region (each block's input under 'full', the head-sharded q, k, v under
     'selective', the block's input and the attention output under 'around_core') to pinned host memory until
-    backward needs them; needs recompute != 'none'."""
-    mlp_tiles: int = 1
+    backward needs them; needs recompute != 'none'; 'auto' lets the planner choose."""
+    mlp_tiles: Union[int, Literal["auto"]] = 1
     """Run the pre-MLP norm and the SwiGLU MLP over this many sequence tiles, each recomputed in backward, so only one
-    tile's (tile, intermediate_size / tp) activations exist at once; 1 = off."""
-    loss_tiles: int = 1
+    tile's (tile, intermediate_size / tp) activations exist at once; 1 = off; 'auto' lets the planner choose."""
+    loss_tiles: Union[int, Literal["auto"]] = 1
     """Compute the LM-head logits and the vocab-parallel cross-entropy over this many sequence tiles, each recomputed
-    in backward, so the (s, vocab / tp) logits never exist at once; 1 = off. Applies when labels are given. With
-    fused_loss, the number of token chunks of the fused head + loss instead (nothing is recomputed)."""
-    fused_loss: bool = False
+    in backward, so the (s, vocab / tp) logits never exist at once; 1 = off; 'auto' lets the planner choose. Applies
+    when labels are given. With fused_loss, the number of token chunks of the fused head + loss instead (nothing is
+    recomputed)."""
+    fused_loss: Union[bool, Literal["auto"]] = False
     """Fuse the LM head and the vocab-parallel cross-entropy (Liger's fused linear cross-entropy over vocab shards):
     token chunks whose logits, loss and gradients (hidden states and head weight) are formed in one pass in forward,
     so neither the whole (tokens, vocab / tp) logits nor a backward recompute exist. Chunks: loss_tiles when > 1, else
     as many as keep a chunk's logits under 2^28 elements. Applies to the trainer's loss (the model given the step's
-    valid-token count); the same loss and gradients as the unfused head up to float rounding."""
+    valid-token count); the same loss and gradients as the unfused head up to float rounding. 'auto' lets the
+    planner choose."""
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE:
             raise ModelConfigError(f"memory.recompute = {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+        for name in ("offload_activations", "fused_loss"):
+            if getattr(self, name) not in (True, False, AUTO):
+                raise ModelConfigError(f"memory.{name} = {getattr(self, name)!r}: true, false or 'auto'")
         for name in ("mlp_tiles", "loss_tiles"):
-            if getattr(self, name) < 1:
-                raise ModelConfigError(f"memory.{name} = {getattr(self, name)}: must be >= 1 (1 turns tiling off)")
-        if self.offload_activations and self.recompute == "none":
+            value = getattr(self, name)
+            if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ModelConfigError(f"memory.{name} = {value!r}: must be >= 1 (1 turns tiling off) or 'auto'")
+        if self.offload_activations is True and self.recompute == "none":
             raise ModelConfigError("memory.offload_activations = true offloads the inputs of recomputed regions, and "
                                    "memory.recompute = 'none' recomputes nothing: set memory.recompute to 'full', "
                                    "'around_core' or 'selective'")
+
+    def auto_keys(self) -> tuple[str, ...]:
+        """The keys left to the planner."""
+        return tuple(k for k in ("recompute", "offload_activations", "mlp_tiles", "loss_tiles", "fused_loss")
+                     if getattr(self, k) == AUTO)
+
+    def require_resolved(self) -> None:
+        """Raise where a key is still 'auto' (the model needs concrete savers: megalysses.plan resolves them)."""
+        if self.auto_keys():
+            keys = ", memory.".join(self.auto_keys())
+            raise ModelConfigError(f"memory.{keys} = 'auto' reached the model unresolved: "
+                                   "resolve it with megalysses.plan.resolve_auto(cfg, world) (the trainer does) or set "
+                                   "concrete values")

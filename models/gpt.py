@@ -132,6 +132,7 @@ class GPT(nn.Module):
         super().__init__()
         spec = spec or layer_spec(cfg.backend)
         cfg = resolve_auto_core(cfg)
+        memory.require_resolved()
         self.cfg, self.spec, self.memory = cfg, spec, memory
         self.mesh = mesh or ParallelMesh.single_device()
         self.mesh.layout.check_model(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, layers=cfg.num_layers)

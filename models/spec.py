@@ -38,8 +38,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def norm_weight_info(dim: int, mesh: ParallelMesh, per_head: bool) -> ParamInfo:
     """A norm weight is whole on every tp rank, but its gradient covers only this rank's tokens under tp sequence
     parallelism, and only this rank's heads for a per-head norm (heads are split over tp): then it is summed over tp."""
-    return ParamInfo((dim,), None, grad_sum_over_tp=mesh.size("tp") > 1 and (per_head or
-                                                                             mesh.layout.tp_sequence_parallel))
+    return ParamInfo((dim,), None, grad_sum_over_tp=norm_grad_sums_over_tp(mesh.size("tp"),
+                                                                           mesh.layout.tp_sequence_parallel, per_head))
+
+
+def norm_grad_sums_over_tp(tp: int, tp_sequence_parallel: bool, per_head: bool) -> bool:
+    """Whether a norm weight's gradient is summed over tp (the rule of norm_weight_info, also read by the planner)."""
+    return tp > 1 and (per_head or tp_sequence_parallel)
 
 
 def torch_norm(dim: int, eps: float, mesh: ParallelMesh, per_head: bool = False) -> nn.Module:

@@ -217,15 +217,19 @@ def test_bf16_inputs_keep_their_dtype_and_stay_close():
     assert all(_rel(a.float(), b) < 3e-2 for a, b in zip((q.grad, k.grad, v.grad), ref_grads))
 
 
-def test_ring_benchmark_runs_on_cpu_and_its_ring_reproduces_the_fused_core(capsys):
-    """scripts/bench_ring.py --tiny: every (S, R) row is measured and its simulated ring matches the fused call."""
+@pytest.mark.parametrize("doc_len", [0, 24], ids=["one-document", "packed"])
+def test_ring_benchmark_runs_on_cpu_and_its_ring_reproduces_the_fused_core(capsys, doc_len):
+    """scripts/bench_ring.py --tiny: every (S, R, core) row is measured, forward and forward + backward, and its
+    simulated ring (ring.py's own steps and block cores) matches the fused call's output and gradients."""
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ring.py"
     spec = importlib.util.spec_from_file_location("bench_ring", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--tiny", "--rings", "2,4", "--iters", "1", "--warmup", "0"]) == 0
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64") or
-            line.startswith("| 256")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("| 64", "2", "reference"), ("| 64", "4", "reference"),
-                                                  ("| 256", "2", "reference"), ("| 256", "4", "reference")]
-    assert all(float(r[-1].rstrip(" |")) < 1e-5 for r in rows), rows
+    assert bench.main(["--tiny", "--rings", "2,4", "--cores", "reference,flex", "--doc-len", str(doc_len),
+                       "--iters", "1", "--warmup", "0"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64")
+            or line.startswith("| 256")]
+    assert [tuple(r[:3]) for r in rows] == [(s, r, c) for s in ("64", "256") for c in ("reference", "flex")
+                                            for r in ("2", "4")]
+    assert all(len(r) == 12 and float(r[-1]) < 1e-5 and float(r[-2]) < 1e-5 for r in rows), rows
+    assert all(r[5] == "-" for r in rows) == bool(doc_len)  # SDPA only without documents

@@ -271,6 +271,33 @@ REFERENCE_CORE = ReferenceBlockCore()
 # ------------------------------------------------------------------------------------------------ the ring passes
 
 
+def forward_step(q, kv, blocks: list[RingBlock], scale: float, core: BlockCore, out, lse) -> None:
+    """One ring step's arithmetic: this rank's q (b, sq, h, d) against a k/v block kv (2, b, sk, hk, d), every block
+    of the step's plan through the core, merged into out (b, sq, h, d) and lse (b, h, sq), fp32, in place."""
+    for block in blocks:
+        qs, ks = block.rows, block.cols
+        block_out, block_lse = core.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], block, scale)
+        merge_block(out[:, qs], lse[:, :, qs], block_out, block_lse)
+
+
+def output_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) (b, h, sq) in fp32, of the whole attention's output: the softmax backward's shift."""
+    return (do.float() * out.float()).sum(-1).transpose(1, 2)
+
+
+def backward_step(q, kv, do, out, lse, delta, blocks: list[RingBlock], scale: float, core: BlockCore, dq,
+                  dkv) -> None:
+    """One ring step's backward arithmetic: every block's gradients given the final out and lse, added to dq
+    (b, sq, h, d) and to the k/v block's dkv (2, b, sk, hk, d), fp32, in place."""
+    for block in blocks:
+        qs, ks = block.rows, block.cols
+        bq, bk, bv = core.backward(q[:, qs], kv[0][:, ks], kv[1][:, ks], do[:, qs], out[:, qs], lse[:, :, qs],
+                                   delta[:, :, qs], block, scale)
+        dq[:, qs] += bq
+        dkv[0][:, ks] += bk
+        dkv[1][:, ks] += bv
+
+
 def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float,
                   core: BlockCore) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ring: at step t this rank holds rank (r - t)'s k/v; the next block is in flight while this one runs."""
@@ -281,10 +308,7 @@ def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float,
     for step in range(group.size):
         src = (group.rank - step) % group.size
         following, pending = C.ring_pass(kv, group) if step + 1 < group.size else (None, [])
-        for block in masks.plan(src):
-            qs, ks = block.rows, block.cols
-            block_out, block_lse = core.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], block, scale)
-            merge_block(out[:, qs], lse[:, :, qs], block_out, block_lse)
+        forward_step(q, kv, masks.plan(src), scale, core, out, lse)
         for handle in pending:
             handle.wait()
         kv = following
@@ -294,7 +318,7 @@ def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float,
 def _ring_backward(q, k, v, out, lse, do, group: CommGroup, masks: RingMasks, scale: float, core: BlockCore):
     """Backward ring: k/v travel as in the forward and dk/dv travel with them, one step behind, arriving home after
     R passes; each step's gradient pass is in flight while the next block runs."""
-    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # (b, h, sq)
+    delta = output_delta(do, out)  # (b, h, sq)
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv = torch.stack([k, v])  # (2, b, sk, hk, d)
     dkv_in, dkv_pending = None, []
@@ -302,13 +326,7 @@ def _ring_backward(q, k, v, out, lse, do, group: CommGroup, masks: RingMasks, sc
         src = (group.rank - step) % group.size
         following, kv_pending = C.ring_pass(kv, group) if step + 1 < group.size else (None, [])
         acc = torch.zeros_like(kv, dtype=torch.float32)  # this block's dk/dv from our queries
-        for block in masks.plan(src):
-            qs, ks = block.rows, block.cols
-            bq, bk, bv = core.backward(q[:, qs], kv[0][:, ks], kv[1][:, ks], do[:, qs], out[:, qs], lse[:, :, qs],
-                                       delta[:, :, qs], block, scale)
-            dq[:, qs] += bq
-            acc[0][:, ks] += bk
-            acc[1][:, ks] += bv
+        backward_step(q, kv, do, out, lse, delta, masks.plan(src), scale, core, dq, acc)
         for handle in dkv_pending:  # the previous ranks' share of this block's dk/dv
             handle.wait()
         if dkv_in is not None:

@@ -15,7 +15,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.cores import (FlashAttentionUnavailable, build_attention_core, build_ring_block_core,
                                      ring_block_core_name)
 from megalysses.models.gpt import GPT
-from megalysses.parallel import ParallelLayout, ParallelMesh
+from megalysses.parallel import ParallelLayout
 from megalysses.parallel.collectives import CommGroup
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import ring_attention

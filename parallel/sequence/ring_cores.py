@@ -91,9 +91,10 @@ def block_tiles(block: RingBlock, tile: int, device) -> tuple[torch.Tensor, torc
     full = ((q0 + qa).unsqueeze(1) >= (k0 + kb).unsqueeze(0)).unsqueeze(0)  # causal everywhere
     if block.docs is not None:
         dq, dk = (d.to(device) for d in block.docs)  # (b, c)
-        overlap = (dq[:, qa].unsqueeze(2) <= dk[:, kb].unsqueeze(1)) & (dk[:, ka].unsqueeze(1) <= dq[:, qb].unsqueeze(2))
-        one_document = ((dq[:, qa] == dq[:, qb]).unsqueeze(2) & (dk[:, ka] == dk[:, kb]).unsqueeze(1)
-                        & (dq[:, qa].unsqueeze(2) == dk[:, ka].unsqueeze(1)))
+        first_q, last_q = dq[:, qa].unsqueeze(2), dq[:, qb].unsqueeze(2)  # (b, nq, 1)
+        first_k, last_k = dk[:, ka].unsqueeze(1), dk[:, kb].unsqueeze(1)  # (b, 1, nk)
+        overlap = (first_q <= last_k) & (first_k <= last_q)
+        one_document = (first_q == last_q) & (first_k == last_k) & (first_q == first_k)
         live, full = live & overlap, full & one_document
     return live, full
 

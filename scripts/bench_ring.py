@@ -293,6 +293,9 @@ def main(argv=None) -> int:
     docs = f"documents of {args.doc_len}" if args.doc_len else "one document"
     print(f"ring vs fused core, one device ({name}), {dtype}, q heads {args.heads}, kv heads {args.kv_heads}, "
           f"head dim {args.head_dim}, {docs}, forward and forward + backward")
+    # every (S, R) is new shapes for the compiled FlexAttention (a run trains at one): room for them all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * len(args.seqs) *
+                                               (len(args.rings) + 1))
     rows = []
     for s in args.seqs:
         rows += rows_for_seq(args, s, device, dtype)

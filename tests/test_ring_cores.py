@@ -73,15 +73,17 @@ def test_blocks_inside_one_document_need_no_document_mask():
 
 
 def test_one_rank_flex_ring_matches_the_reference_in_bf16_inputs_on_cpu():
-    """bf16 in, bf16 out: flex's forward takes the block in the inputs' dtype and still merges in fp32."""
+    """bf16 in, bf16 out: flex's forward takes the block in the inputs' dtype and the ring still merges in fp32."""
     q, k, v, grad_out, positions = _inputs("packed")
     got, want = [], []
     for core, results in ((FlexBlockCore(), got), (REFERENCE_CORE, want)):
         x = [t.bfloat16().requires_grad_() for t in (q, k, v)]
         out = ring_attention(*x, CommGroup.solo(), positions=positions, core=core)
         out.backward(grad_out.bfloat16())
+        assert out.dtype == x[0].grad.dtype == x[1].grad.dtype == torch.bfloat16
         results += [out.detach().float()] + [t.grad.float() for t in x]
-    assert got[0].dtype == torch.float32 and all(_rel(a, b) < 2e-2 for a, b in zip(got, want))
+    assert _rel(got[0], want[0]) < 2e-2
+    assert all(_rel(a, b) < 3e-2 for a, b in zip(got[1:], want[1:]))
 
 
 # ----------------------------------------------------------------------------------- selection by attention_core
@@ -167,5 +169,6 @@ def test_fused_ring_cores_match_the_reference_in_bf16_on_gpu(packed):
         out.backward(grad_out.bfloat16())
         results[name] = [out.detach().float()] + [t.grad.float() for t in x]
     for name in results.keys() - {"reference"}:
-        for what, a, b in zip(("out", "dq", "dk", "dv"), results[name], results["reference"]):
-            assert _rel(a, b) < 2e-2, f"{name} {what}: relative error {_rel(a, b):.2e}"
+        for what, a, b, tolerance in zip(("out", "dq", "dk", "dv"), results[name], results["reference"],
+                                         (2e-2, 3e-2, 3e-2, 3e-2)):  # as the ring's bf16 test in test_ring.py
+            assert _rel(a, b) < tolerance, f"{name} {what}: relative error {_rel(a, b):.2e}"

@@ -56,18 +56,17 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Te
 
 
 def block_mask_mod(block: RingBlock) -> Optional[Callable]:
-    """FlexAttention's mask function for a block, or None for a whole block. Only tensors are captured (documents),
-    never the block's offsets: a compiled flex_attention then serves every block without recompiling."""
+    """FlexAttention's mask function for a block, or None for a whole block. Three functions in all (none, causal,
+    documents), capturing only tensors: a compiled flex_attention guards on the function's code, so every block of
+    every batch reuses one of at most three graphs (per grad mode) instead of recompiling."""
     if block.docs is None:
         return _causal if block.causal else None
     dq, dk = block.docs  # (b, c) document ids of the query and the key chunk
-
-    def same_document(b, h, qi, ki):
-        return dq[b, qi] == dk[b, ki]
+    shift = torch.tensor(0 if block.causal else dk.shape[1], device=dq.device)  # a preceding key chunk: all causal
 
     def causal_same_document(b, h, qi, ki):
-        return (qi >= ki) & (dq[b, qi] == dk[b, ki])
-    return causal_same_document if block.causal else same_document
+        return (qi + shift >= ki) & (dq[b, qi] == dk[b, ki])
+    return causal_same_document
 
 
 def _causal(b, h, qi, ki):

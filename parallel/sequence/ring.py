@@ -121,7 +121,7 @@ class RingMasks:
     rank: int
     ranks: int
     chunk: int  # tokens per chunk: s / 2R
-    doc_ids: Optional[torch.Tensor] = None  # (b, s), global order
+    doc_ids: Optional[torch.Tensor] = None  # (b, s), global order, rising along each row (document_ids)
     plans: dict = field(default_factory=dict, compare=False, repr=False)  # src -> list[RingBlock]
 
     def mask(self, src: int, device) -> torch.Tensor:

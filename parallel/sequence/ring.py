@@ -229,7 +229,8 @@ def block_attention_grads(q, k, v, do, lse, delta, mask, scale) -> tuple[torch.T
 
 
 def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Online softmax merge in place, fp32: out (b, sq, h, d), lse (b, h, sq) absorb one block's partial result."""
+    """Online softmax merge in place, fp32: out (b, sq, h, d), lse (b, h, sq) absorb one block's partial result
+    (block_out in any float dtype, scaled into fp32)."""
     new = torch.logaddexp(lse, block_lse)
     keep, take = torch.exp(lse - _finite(new)), torch.exp(block_lse - _finite(new))  # (b, h, sq)
     out.mul_(keep.transpose(1, 2).unsqueeze(-1)).add_(block_out * take.transpose(1, 2).unsqueeze(-1))
@@ -245,7 +246,8 @@ class BlockCore(Protocol):
     name: str
 
     def forward(self, q, k, v, block: RingBlock, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> out (b, sq, h, d) and lse (b, h, sq), both fp32 (merge_block's form); rows that see no key: 0, -inf."""
+        """-> out (b, sq, h, d) in any float dtype and lse (b, h, sq) fp32 (merge_block accumulates in fp32); rows
+        that see no key: 0 and -inf."""
 
     def backward(self, q, k, v, do, out, lse, delta, block: RingBlock,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -166,7 +166,7 @@ class FlexBlockCore:
     def forward(self, q, k, v, block: RingBlock, scale: float):
         with torch.no_grad():  # inputs detached: the ring's own backward calls ours (and CPU flex refuses grads)
             out, lse = self.attend(q.detach(), k.detach(), v.detach(), block, scale)
-        return out.float(), lse.float()
+        return out, lse.float()  # out in the inputs' dtype: merge_block scales it into fp32 without a copy
 
     def backward(self, q, k, v, do, out, lse, delta, block: RingBlock, scale: float):
         if q.device.type in FLEX_BACKWARD_DEVICES:
@@ -196,7 +196,7 @@ class FlashBlockCore:
         with torch.no_grad():
             out, lse = self._forward(q.detach(), k.detach(), v.detach(), softmax_scale=scale, causal=block.causal,
                                      return_lse=True)
-        return out.float(), lse.float()
+        return out, lse.float()  # out in the inputs' dtype: merge_block scales it into fp32 without a copy
 
     def backward(self, q, k, v, do, out, lse, delta, block: RingBlock, scale: float):
         if block.docs is not None:

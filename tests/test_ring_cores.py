@@ -130,8 +130,10 @@ def _model_parity(rank, world, layout):
     return compare(reference(MODEL, batch), sharded(flex, layout, batch))
 
 
-def test_ring_model_with_the_flex_core_matches_one_device():
-    for loss_err, grad_err, name in run_ranks(_model_parity, 2, ParallelLayout(ring=2), timeout=300.0):
+@pytest.mark.parametrize("layout,world", [(ParallelLayout(ring=2), 2), (ParallelLayout(sp=2, ring=2), 4)],
+                         ids=["ring2", "sp2-ring2"])
+def test_ring_model_with_the_flex_core_matches_one_device(layout, world):
+    for loss_err, grad_err, name in run_ranks(_model_parity, world, layout, timeout=300.0):
         assert loss_err < 1e-6
         assert grad_err < 1e-5, name
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megalysses.parallel.sequence.ring import REFERENCE_CORE, BlockCore
+from megalysses.parallel.sequence.ring_cores import FlashBlockCore, FlexBlockCore
 
 from .config import ATTENTION_CORES
 
@@ -166,7 +167,6 @@ def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, sc
                      "(resolve 'auto' with resolve_auto_core(cfg) first)")
 
 
-
 # ------------------------------------------------------------------------------------- the ring's block cores
 
 RING_ONLY_CORES = ("flex", "reference")
@@ -190,8 +190,6 @@ def ring_block_core_name(name: str, cuda: bool) -> str:
 def build_ring_block_core(name: str) -> BlockCore:
     """The ring's block core for a resolved attention_core name, one per process (FlexAttention compiles once), or a
     clear error saying why it cannot run here."""
-    from megalysses.parallel.sequence.ring_cores import FlashBlockCore, FlexBlockCore
-
     cuda = torch.cuda.is_available()
     chosen = ring_block_core_name(name, cuda)
     logger.info("ring block core: %s (attention_core %s, %s)", chosen, name, "CUDA" if cuda else "no CUDA device")
@@ -206,6 +204,6 @@ def build_ring_block_core(name: str) -> BlockCore:
             "Hopper-class CUDA GPU: `pip install flash-attn-4`; or use 'auto', 'flex' or 'reference'")
     try:
         return FlashBlockCore(documents=FlexBlockCore())
-    except (ImportError, AttributeError) as e:  # an flash-attn-4 without the backward entry point the ring calls
+    except (ImportError, AttributeError) as e:  # a flash-attn-4 without the backward entry point the ring calls
         raise FlashAttentionUnavailable(f"attention_core 'flash' under layout.ring: this flash-attn-4 lacks "
                                         f"flash_attn.cute.interface._flash_attn_bwd ({e}); use 'flex'") from e

@@ -1,7 +1,7 @@
 """Fused block cores for ring attention: FlexAttention (torch) and flash-attn-4, beside ring.py's fp32 reference.
 
-A block core runs one RingBlock of a ring step and returns (out, lse) in fp32 for merge_block; its backward gets the
-whole attention's final out and lse (the flash-attention backward of one block). Neither core builds an (s x s) mask:
+A block core runs one RingBlock of a ring step and returns (out, lse) for merge_block's fp32 merge; its backward gets
+the whole attention's final out and lse (the flash-attention backward of one block). Neither builds an (s x s) mask:
 FlexAttention gets a BlockMask made from 128 x 128 tiles of the block (tiles no pair can attend to are skipped, tiles
 inside one document and before the diagonal run without the mask function), flash-attn-4 a causal flag.
 

@@ -6,7 +6,10 @@ share, the code path CUDA runs through flex's differentiable lse). Every case of
 GQA below the Ulysses degree, a length no degree divides) runs in one set of gloo ranks per layout, so flex's one-off
 tracing is paid once per rank. flash-attn-4 and compiled FlexAttention in bf16 are the GPU test at the end.
 """
+import argparse
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,4 +176,29 @@ def test_fused_ring_cores_match_the_reference_in_bf16_on_gpu(packed):
     for name in results.keys() - {"reference"}:
         for what, a, b, tolerance in zip(("out", "dq", "dk", "dv"), results[name], results["reference"],
                                          (2e-2, 3e-2, 3e-2, 3e-2)):  # as the ring's bf16 test in test_ring.py
+            assert _rel(a, b) < tolerance, f"{name} {what}: relative error {_rel(a, b):.2e}"
+
+
+def _bench_ring_module():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ring.py"
+    spec = importlib.util.spec_from_file_location("bench_ring", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("doc_len", [0, 320], ids=["causal", "packed"])
+def test_fused_ring_cores_over_four_simulated_ranks_match_the_reference_in_bf16_on_gpu(doc_len):
+    """Four ring ranks on one GPU (scripts/bench_ring.py's SimulatedRing: ring.py's own steps and plans), 2048 tokens,
+    bf16: every step's blocks through flex / flash-attn-4 and the reference core; out and every gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    bench = _bench_ring_module()
+    args = argparse.Namespace(heads=8, kv_heads=2, head_dim=128, doc_len=doc_len)
+    q, k, v, grad_out, doc_ids = bench.inputs(args, 2048, torch.device("cuda"), torch.bfloat16)
+    want = bench.SimulatedRing(REFERENCE_CORE, q, k, v, 4, doc_ids, 128 ** -0.5).run(grad_out)
+    for name, core in _gpu_cores():
+        got = bench.SimulatedRing(core, q, k, v, 4, doc_ids, 128 ** -0.5).run(grad_out)
+        for what, a, b, tolerance in zip(("out", "dq", "dk", "dv"), got, want, (2e-2, 3e-2, 3e-2, 3e-2)):
             assert _rel(a, b) < tolerance, f"{name} {what}: relative error {_rel(a, b):.2e}"

@@ -4,11 +4,14 @@ FlexAttention runs uncompiled on CPU (its forward is torch's own flex_attention;
 backward, so there the block backward recomputes the same block densely and back-propagates the block's lse-weighted
 share, the code path CUDA runs through flex's differentiable lse). Every case of test_ring (causal, packed documents,
 GQA below the Ulysses degree, a length no degree divides) runs in one set of gloo ranks per layout, so flex's one-off
-tracing is paid once per rank. flash-attn-4 and compiled FlexAttention in bf16 are the GPU test at the end.
+tracing is paid once per rank. The flash-attn-4 core's glue runs here against a stand-in with flash-attn-4's calling
+contract; the real kernels and compiled FlexAttention, in bf16, are the GPU tests at the end.
 """
 import argparse
 import dataclasses
 import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -22,8 +25,9 @@ from megalysses.parallel import ParallelLayout
 from megalysses.parallel.collectives import CommGroup
 from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import ring_attention
-from megalysses.parallel.sequence.ring import REFERENCE_CORE, RingMasks, document_ids
-from megalysses.parallel.sequence.ring_cores import FlexBlockCore, block_tiles
+from megalysses.parallel.sequence.ring import (REFERENCE_CORE, RingMasks, block_attention, block_attention_grads,
+                                               document_ids)
+from megalysses.parallel.sequence.ring_cores import FlashBlockCore, FlexBlockCore, block_tiles
 from parity import compare, make_batch, reference, sharded
 from test_ring import CASES, _inputs, _packed_positions, _rel, hybrid_run, ring_run
 
@@ -87,6 +91,61 @@ def test_one_rank_flex_ring_matches_the_reference_in_bf16_inputs_on_cpu():
         results += [out.detach().float()] + [t.grad.float() for t in x]
     assert _rel(got[0], want[0]) < 2e-2
     assert all(_rel(a, b) < 3e-2 for a, b in zip(got[1:], want[1:]))
+
+
+def _fake_flash_attn_4(monkeypatch, calls: list):
+    """flash_attn.cute with flash-attn-4's calling contract, computed by the reference math: flash_attn_func(q, k, v,
+    softmax_scale, causal, return_lse) -> (out, lse); interface._flash_attn_bwd(q, k, v, out, dout, lse,
+    softmax_scale, causal) -> (dq, dk, dv), using the given out and lse. Records (function, causal) per call."""
+    def square(q, k, causal):
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool)
+        return (mask.tril() if causal else mask).unsqueeze(0)
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        calls.append(("forward", causal))
+        out, lse = block_attention(q, k, v, square(q, k, causal), softmax_scale)
+        return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False):
+        calls.append(("backward", causal))
+        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
+        grads = block_attention_grads(q, k, v, dout, lse, delta, square(q, k, causal), softmax_scale)
+        return tuple(g.to(q.dtype) for g in grads)
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    cute.interface = types.ModuleType("flash_attn.cute.interface")
+    cute.interface._flash_attn_bwd = _flash_attn_bwd
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", cute.interface)
+
+
+TWO_DOCUMENTS = torch.cat([torch.arange(20), torch.arange(12)]).expand(2, -1)  # tokens 0-19 and 20-31
+
+
+@pytest.mark.parametrize("case,positions,flash_blocks", [
+    ("causal", None, [True, False, True]),  # one rank: (0, 0) causal, (1, 0) whole, (1, 1) causal
+    ("gqa-hk1", None, [True, False, True]),
+    ("gqa-hk2", TWO_DOCUMENTS, [True]),  # (0, 0) inside document 0; (1, 0), (1, 1) cut by the boundary at 20
+], ids=["causal", "gqa-hk1", "documents"])
+def test_flash_core_calls_flash_attn_4_as_its_contract_says(monkeypatch, case, positions, flash_blocks):
+    """The flash block core's glue, against flash-attn-4's calling contract (a stand-in computing it by the reference
+    math): whole blocks and causal diagonals go to flash_attn_func and _flash_attn_bwd with the final out and lse,
+    blocks cut by documents to its FlexAttention core; the ring then matches the reference core."""
+    calls = []
+    _fake_flash_attn_4(monkeypatch, calls)
+    core = FlashBlockCore(documents=FlexBlockCore())
+    q, k, v, grad_out, _ = _inputs(case)
+    results = []
+    for block_core in (core, REFERENCE_CORE):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*x, CommGroup.solo(), positions=positions, core=block_core)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in x])
+    for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert _rel(a, b) < 1e-5, f"{case} {what}: relative error {_rel(a, b):.2e}"
+    assert calls == [("forward", c) for c in flash_blocks] + [("backward", c) for c in flash_blocks]
 
 
 # ----------------------------------------------------------------------------------- selection by attention_core

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union, get_args
 
 Backend = Literal["torch", "te"]
 BACKENDS = get_args(Backend)
-AttentionCore = Literal["sdpa", "flash", "te", "auto"]
+AttentionCore = Literal["sdpa", "flash", "te", "auto", "flex", "reference"]
 ATTENTION_CORES = get_args(AttentionCore)
 
 
@@ -65,7 +65,11 @@ class GPTConfig:
     """Standard deviation of the normal weight initialisation."""
     attention_core: AttentionCore = "sdpa"
     """Local attention kernel inside the Ulysses head-sharded region: 'sdpa' (torch SDPA: cuDNN / flash / math
-    kernels), 'flash' (flash-attn), 'te' (Transformer Engine fused attention), 'auto' (fastest installed)."""
+    kernels), 'flash' (flash-attn), 'te' (Transformer Engine fused attention), 'auto' (fastest installed).
+    Under layout.ring it picks the ring's block core (a core that returns its log-sum-exp): 'auto' is flash-attn-4
+    when it imports on a Hopper-class GPU, else FlexAttention on CUDA and the fp32 reference on CPU; 'sdpa' (SDPA
+    returns no log-sum-exp) is FlexAttention on CUDA and the reference on CPU; 'flash' is flash-attn-4 (packed-document
+    blocks through FlexAttention); 'flex' and 'reference' name those cores (ring only); 'te' is refused."""
     softmax_scale: Optional[float] = None
     """Scale of q.k inside softmax; None means 1 / sqrt(head_dim). Every attention core uses it."""
     backend: Backend = "torch"

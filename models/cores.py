@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import dataclasses
+import functools
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megalysses.parallel.sequence.ring import REFERENCE_CORE, BlockCore
+from megalysses.parallel.sequence.ring_cores import FlashBlockCore, FlexBlockCore
 
 from .config import ATTENTION_CORES
 
@@ -156,6 +160,50 @@ def build_attention_core(name: str, heads: int, kv_heads: int, head_dim: int, sc
         from .te import TEAttentionCore
 
         return TEAttentionCore(heads, kv_heads, head_dim, scale)
+    if name in RING_ONLY_CORES:
+        raise ValueError(f"attention_core = {name!r} is a ring block core: it runs only under layout.ring > 1; "
+                         "without a ring choose 'sdpa', 'flash', 'te' or 'auto'")
     raise ValueError(f"attention_core = {name!r}: choose one of {', '.join(c for c in ATTENTION_CORES if c != 'auto')} "
                      "(resolve 'auto' with resolve_auto_core(cfg) first)")
 
+
+# ------------------------------------------------------------------------------------- the ring's block cores
+
+RING_ONLY_CORES = ("flex", "reference")
+
+
+def ring_block_core_name(name: str, cuda: bool) -> str:
+    """Which block core a (resolved) attention_core runs under a ring: 'sdpa' is torch's own, FlexAttention on CUDA
+    and the fp32 reference on CPU (SDPA returns no log-sum-exp); 'te' is refused (no log-sum-exp either)."""
+    if name == "sdpa":
+        return "flex" if cuda else "reference"
+    if name == "te":
+        raise ValueError("attention_core = 'te' cannot run under layout.ring: Transformer Engine's fused attention "
+                         "returns no log-sum-exp for the ring's merge; use 'auto', 'flash', 'flex' or 'reference'")
+    if name not in ("flash",) + RING_ONLY_CORES:
+        raise ValueError(f"attention_core = {name!r} under layout.ring: choose one of sdpa, flash, flex, reference, "
+                         "auto (resolve 'auto' with resolve_auto_core(cfg) first)")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def build_ring_block_core(name: str) -> BlockCore:
+    """The ring's block core for a resolved attention_core name, one per process (FlexAttention compiles once), or a
+    clear error saying why it cannot run here."""
+    cuda = torch.cuda.is_available()
+    chosen = ring_block_core_name(name, cuda)
+    logger.info("ring block core: %s (attention_core %s, %s)", chosen, name, "CUDA" if cuda else "no CUDA device")
+    if chosen == "reference":
+        return REFERENCE_CORE
+    if chosen == "flex":
+        return FlexBlockCore()
+    found = find_flash_attn() if cuda else None
+    if found is None or found[0] != "flash-attn-4" or torch.cuda.get_device_capability()[0] < 9:
+        raise FlashAttentionUnavailable(
+            "attention_core 'flash' under layout.ring needs flash-attn-4 (its log-sum-exp and backward) on a "
+            "Hopper-class CUDA GPU: `pip install flash-attn-4`; or use 'auto', 'flex' or 'reference'")
+    try:
+        return FlashBlockCore(documents=FlexBlockCore())
+    except (ImportError, AttributeError) as e:  # a flash-attn-4 without the backward entry point the ring calls
+        raise FlashAttentionUnavailable(f"attention_core 'flash' under layout.ring: this flash-attn-4 lacks "
+                                        f"flash_attn.cute.interface._flash_attn_bwd ({e}); use 'flex'") from e

@@ -3,7 +3,7 @@
 Read it as a single-device model: the spec supplies tensor-parallel layers, and the only sequence-parallel step
 is `ulysses_attention` around the attention core, which is the identity when sp = 1; with a ring degree the core is
 `ring_core`, ring attention over this ring rank's zig-zag shard (k/v blocks passing round the ring), so sp x ring is
-Ulysses inside and the ring across (the ring's own fp32 block core then stands in for cfg.attention_core). A
+Ulysses inside and the ring across (cfg.attention_core then picks the ring's block core: build_ring_block_core). A
 MemoryConfig picks what is recomputed, offloaded or tiled (models/memory.py); none of it changes the math.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from megalysses.parallel.sequence import (gather_sequence_ids, ring_core, ring_m
                                           token_weighted_loss, ulysses_attention)
 from megalysses.parallel.tensor import param_info, shard, vocab_parallel_cross_entropy, vocab_parallel_logits
 
-from .cores import Documents, build_attention_core, resolve_auto_core
+from .cores import Documents, build_attention_core, build_ring_block_core, resolve_auto_core
 from .config import GPTConfig, MemoryConfig
 from .memory import fused_lm_loss, map_sequence_tiles, recompute, recomputed, tiled_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.out = spec.attn_out(cfg.q_size, cfg.hidden_size, False, mesh)
         core_heads, core_kv_heads = ulysses_heads(self.sp_group.size, self.heads, self.kv_heads)  # after the all-to-all
         if self.ring_group.size > 1:  # the sp x ring hybrid: ring attention inside the Ulysses head-sharded region
-            self.core = ring_core(self.ring_group)
+            self.core = ring_core(self.ring_group, build_ring_block_core(cfg.attention_core))
         else:
             self.core = build_attention_core(cfg.attention_core, core_heads, core_kv_heads, cfg.head_dim,
                                              cfg.softmax_scale)

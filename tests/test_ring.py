@@ -20,7 +20,7 @@ from megalysses.parallel.launch import run_ranks
 from megalysses.parallel.sequence import (gather_sequence_ids, pad_sequence_batch, ring_attention, ring_core,
                                           ring_masks, ring_shard, ring_unshard, shard_ring_sequence,
                                           ulysses_attention)
-from megalysses.parallel.sequence.ring import RingMasks, causal_chunk_pairs, document_ids, ring_chunks
+from megalysses.parallel.sequence.ring import REFERENCE_CORE, RingMasks, causal_chunk_pairs, document_ids, ring_chunks
 
 HEADS, DIM, BATCH = 4, 8, 2
 
@@ -74,20 +74,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b).abs().max() / b.abs().max())
 
 
-def _ring_case(rank, world, case):
+def ring_run(world: int, case: str, core=REFERENCE_CORE) -> list[torch.Tensor]:
+    """Ring attention on `world` ring ranks (call on each): whole-sequence out, dq, dk, dv (padding dropped)."""
     group = ParallelMesh(ParallelLayout(sp=world)).group("sp")
     q, k, v, grad_out, positions = _inputs(case)
-    ref_out, ref_grads = _reference(q, k, v, grad_out, positions)
     seq, multiple = q.shape[1], 2 * world
     if positions is None:
         positions = torch.arange(seq).expand(BATCH, seq)
     ids = torch.zeros(BATCH, seq, dtype=torch.long)
     _, _, positions = pad_sequence_batch(ids, ids, positions, multiple)  # the data path's padding
     shards = [ring_shard(_pad(t, multiple), group).requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*shards, group, positions=ring_shard(positions, group))
+    out = ring_attention(*shards, group, positions=ring_shard(positions, group), core=core)
     out.backward(ring_shard(_pad(grad_out, multiple), group))
-    whole = [ring_unshard(t, group)[:, :seq] for t in [out.detach()] + [s.grad for s in shards]]
-    return [_rel(a, b) for a, b in zip(whole, [ref_out, *ref_grads])]
+    return [ring_unshard(t, group)[:, :seq] for t in [out.detach()] + [s.grad for s in shards]]
+
+
+def _ring_case(rank, world, case):
+    ref_out, ref_grads = _reference(*_inputs(case))
+    return [_rel(a, b) for a, b in zip(ring_run(world, case), [ref_out, *ref_grads])]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -98,12 +102,12 @@ def test_ring_matches_single_device(world, case):
             assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
 
 
-def _hybrid_case(rank, world, sp, case):
-    """sp x ring: shards as the data path cuts them (ring zig-zag, then sp), Ulysses around the ring core."""
+def hybrid_run(world: int, sp: int, case: str, core=REFERENCE_CORE) -> list[torch.Tensor]:
+    """sp x ring (call on each rank): shards as the data path cuts them (ring zig-zag, then sp), Ulysses around the
+    ring core -> whole-sequence out, dq, dk, dv."""
     mesh = ParallelMesh(ParallelLayout(sp=sp, ring=world // sp))
     ring, sp_group = mesh.group("ring"), mesh.group("sp")
     q, k, v, grad_out, positions = _inputs(case)
-    ref_out, ref_grads = _reference(q, k, v, grad_out, positions)
     seq, multiple = q.shape[1], mesh.layout.sequence_unit
     if positions is None:
         positions = torch.arange(seq).expand(BATCH, seq)
@@ -113,11 +117,15 @@ def _hybrid_case(rank, world, sp, case):
     shards = [shard(_pad(t, multiple)).requires_grad_() for t in (q, k, v)]
     ring_positions = gather_sequence_ids(shard(positions), sp_group)  # this ring rank's zig-zag shard
     masks = ring_masks(ring, ring_positions.shape[1], ring_positions)
-    out = ulysses_attention(ring_core(ring), *shards, sp_group, docs=masks)
+    out = ulysses_attention(ring_core(ring, core), *shards, sp_group, docs=masks)
     out.backward(shard(_pad(grad_out, multiple)))
     unshard = lambda t: ring_unshard(C.all_gather(t.contiguous(), sp_group, dim=1), ring)[:, :seq]  # noqa: E731
-    whole = [unshard(t) for t in [out.detach()] + [s.grad for s in shards]]
-    return [_rel(a, b) for a, b in zip(whole, [ref_out, *ref_grads])]
+    return [unshard(t) for t in [out.detach()] + [s.grad for s in shards]]
+
+
+def _hybrid_case(rank, world, sp, case):
+    ref_out, ref_grads = _reference(*_inputs(case))
+    return [_rel(a, b) for a, b in zip(hybrid_run(world, sp, case), [ref_out, *ref_grads])]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -154,7 +162,7 @@ def test_ring_shard_refuses_a_length_2r_does_not_divide():
 
 
 def _pairs(masks: RingMasks, src: int) -> int:
-    return sum((qs.stop - qs.start) * (ks.stop - ks.start) for qs, ks, _ in masks.plan(src, "cpu"))
+    return sum(block.shape[0] * block.shape[1] for block in masks.plan(src))
 
 
 def test_causal_work_is_balanced_over_ranks_and_steps():
@@ -189,7 +197,7 @@ def test_blocks_no_document_crosses_are_skipped():
     for r in range(ranks):
         masks = RingMasks(r, ranks, chunk, doc_ids)
         assert _pairs(masks, r) == 2 * chunk * chunk  # each query chunk against its own chunk only
-        assert masks.plan((r + 1) % ranks, "cpu") == []
+        assert masks.plan((r + 1) % ranks) == []
 
 
 def test_positions_must_be_the_local_shard():
@@ -209,15 +217,19 @@ def test_bf16_inputs_keep_their_dtype_and_stay_close():
     assert all(_rel(a.float(), b) < 3e-2 for a, b in zip((q.grad, k.grad, v.grad), ref_grads))
 
 
-def test_ring_benchmark_runs_on_cpu_and_its_ring_reproduces_the_fused_core(capsys):
-    """scripts/bench_ring.py --tiny: every (S, R) row is measured and its simulated ring matches the fused call."""
+@pytest.mark.parametrize("doc_len", [0, 24], ids=["one-document", "packed"])
+def test_ring_benchmark_runs_on_cpu_and_its_ring_reproduces_the_fused_core(capsys, doc_len):
+    """scripts/bench_ring.py --tiny: every (S, R, core) row is measured, forward and forward + backward, and its
+    simulated ring (ring.py's own steps and block cores) matches the fused call's output and gradients."""
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ring.py"
     spec = importlib.util.spec_from_file_location("bench_ring", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--tiny", "--rings", "2,4", "--iters", "1", "--warmup", "0"]) == 0
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64") or
-            line.startswith("| 256")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("| 64", "2", "reference"), ("| 64", "4", "reference"),
-                                                  ("| 256", "2", "reference"), ("| 256", "4", "reference")]
-    assert all(float(r[-1].rstrip(" |")) < 1e-5 for r in rows), rows
+    assert bench.main(["--tiny", "--rings", "2,4", "--cores", "reference,flex", "--doc-len", str(doc_len),
+                       "--iters", "1", "--warmup", "0"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64")
+            or line.startswith("| 256")]
+    assert [tuple(r[:3]) for r in rows] == [(s, r, c) for s in ("64", "256") for c in ("reference", "flex")
+                                            for r in ("2", "4")]
+    assert all(len(r) == 12 and float(r[-1]) < 1e-5 and float(r[-2]) < 1e-5 for r in rows), rows
+    assert all(r[5] == "-" for r in rows) == bool(doc_len)  # SDPA only without documents

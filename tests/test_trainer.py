@@ -102,4 +102,5 @@ def test_bad_choice_from_the_command_line_exits_2_without_a_traceback(tmp_path):
                           f"logging.run_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("megalysses-train: config error: override 'model.attention_core=flsh': "
-                                  "model.attention_core: expected one of 'sdpa', 'flash', 'te', 'auto', got 'flsh' (str)")
+                                  "model.attention_core: expected one of 'sdpa', 'flash', 'te', 'auto', 'flex', "
+                                  "'reference', got 'flsh' (str)")

@@ -6,12 +6,17 @@ Layout (causal load balancing, the "zig-zag" split): the sequence is cut into 2R
 The sp x ring hybrid (Ulysses inside, ring across): each ring rank's zig-zag shard is split contiguously over sp; the
 Ulysses all-to-all gives every SP rank the whole ring shard for its head subset, and `ring_core` runs the ring over
 the ring ranks that hold the same heads.
+
+Each ring step runs a *block core* on (this rank's query chunk, one key chunk of the travelling k/v block), described by
+a RingBlock (causal diagonal, whole, or cut by documents; blocks no document crosses are skipped) and returning
+(out, lse) in fp32-mergeable form; its backward gets the final out and lse. The fp32 reference core here is one;
+ring_cores.py has FlexAttention and flash-attn-4.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
 
 import torch
 
@@ -78,14 +83,46 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class RingBlock:
+    """One block of a ring step: this rank's query chunk (`rows` of its shard) against one key chunk (`cols` of the
+    travelling k/v block). Whole when the key chunk precedes the query chunk, a causal square when they are the same
+    chunk (`causal`); `docs` (query ids (b, c), key ids (b, c)) when document boundaries cut it, else None."""
+
+    rows: slice
+    cols: slice
+    q_start: int  # global index of the first query and of the first key
+    k_start: int
+    causal: bool
+    docs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # per-core derived masks, built once
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
+
+    def mask(self, device) -> torch.Tensor:
+        """(b or 1, sq, sk) bool, explicit: query i may attend key j (what the reference core uses)."""
+        sq, sk = self.shape
+        iq = torch.arange(self.q_start, self.q_start + sq, device=device)
+        ik = torch.arange(self.k_start, self.k_start + sk, device=device)
+        allowed = (ik.unsqueeze(0) <= iq.unsqueeze(1)).unsqueeze(0)  # (1, sq, sk)
+        if self.docs is not None:
+            dq, dk = (d.to(device) for d in self.docs)
+            allowed = allowed & (dq.unsqueeze(2) == dk.unsqueeze(1))
+        return allowed
+
+
+@dataclass(frozen=True)
 class RingMasks:
     """Which (query, key) pairs may attend, for this rank's queries against any rank's k/v block: causal by global
-    position, and within one document when `doc_ids` (b, s) of the whole sequence is given."""
+    position, and within one document when `doc_ids` (b, s) of the whole sequence is given. Built once per batch;
+    its plans (and the masks cores derive from them) are reused by every layer, forward and backward."""
 
     rank: int
     ranks: int
     chunk: int  # tokens per chunk: s / 2R
-    doc_ids: Optional[torch.Tensor] = None  # (b, s), global order
+    doc_ids: Optional[torch.Tensor] = None  # (b, s), global order, rising along each row (document_ids)
+    plans: dict = field(default_factory=dict, compare=False, repr=False)  # src -> list[RingBlock]
 
     def mask(self, src: int, device) -> torch.Tensor:
         """(b or 1, 2c, 2c) bool: this rank's query i may attend key j of rank src's block."""
@@ -97,18 +134,27 @@ class RingMasks:
             allowed = allowed & (dq.unsqueeze(2) == dk.unsqueeze(1))
         return allowed
 
-    def plan(self, src: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
-        """Blocks worth computing against rank src's k/v: (query rows, key columns, their mask) per query chunk, keeping
-        only key chunks some pair can attend to; a query chunk no key can reach is skipped."""
-        c, mask, blocks = self.chunk, self.mask(src, device), []
-        halves = (slice(0, c), slice(c, 2 * c))
-        for qs in halves:
-            live = [bool(mask[:, qs, ks].any()) for ks in halves]
-            if not any(live):
-                continue
-            ks = slice(0, 2 * c) if all(live) else halves[live.index(True)]
-            blocks.append((qs, ks, mask[:, qs, ks]))
-        return blocks
+    def plan(self, src: int) -> list[RingBlock]:
+        """The blocks worth computing against rank src's k/v, one per (query chunk, key chunk) pair that attends at
+        all (causal_chunk_pairs); with documents, a block no document crosses is skipped and a block inside one
+        document in every row needs no document mask."""
+        if src not in self.plans:
+            self.plans[src] = [b for b in (self._block(qc, kc, diag, src) for qc, kc, diag in
+                                           causal_chunk_pairs(self.rank, src, self.ranks)) if b is not None]
+        return self.plans[src]
+
+    def _block(self, qc: int, kc: int, diagonal: bool, src: int) -> Optional[RingBlock]:
+        c = self.chunk
+        local_q, local_k = ring_chunks(self.rank, self.ranks).index(qc), ring_chunks(src, self.ranks).index(kc)
+        rows, cols = slice(local_q * c, (local_q + 1) * c), slice(local_k * c, (local_k + 1) * c)
+        docs = None
+        if self.doc_ids is not None:  # ids rise along the sequence: compare the chunks' end tokens
+            dq, dk = self.doc_ids[:, qc * c:(qc + 1) * c], self.doc_ids[:, kc * c:(kc + 1) * c]  # (b, c)
+            if not diagonal and not bool((dq[:, 0] == dk[:, -1]).any()):
+                return None  # no document reaches from the key chunk into the query chunk
+            if not bool((dq[:, -1] == dk[:, 0]).all()):
+                docs = (dq, dk)
+        return RingBlock(rows, cols, qc * c, kc * c, diagonal, docs)
 
 
 def causal_chunk_pairs(rank: int, src: int, ranks: int) -> list[tuple[int, int, bool]]:
@@ -183,17 +229,79 @@ def block_attention_grads(q, k, v, do, lse, delta, mask, scale) -> tuple[torch.T
 
 
 def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Online softmax merge in place, fp32: out (b, sq, h, d), lse (b, h, sq) absorb one block's partial result."""
+    """Online softmax merge in place, fp32: out (b, sq, h, d), lse (b, h, sq) absorb one block's partial result
+    (block_out in any float dtype, scaled into fp32)."""
     new = torch.logaddexp(lse, block_lse)
     keep, take = torch.exp(lse - _finite(new)), torch.exp(block_lse - _finite(new))  # (b, h, sq)
     out.mul_(keep.transpose(1, 2).unsqueeze(-1)).add_(block_out * take.transpose(1, 2).unsqueeze(-1))
     lse.copy_(new)
 
 
+# ------------------------------------------------------------------------------------------------- block cores
+
+
+class BlockCore(Protocol):
+    """What a ring step runs on one RingBlock: q (b, sq, h, d), k and v (b, sk, hk, d)."""
+
+    name: str
+
+    def forward(self, q, k, v, block: RingBlock, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> out (b, sq, h, d) in any float dtype and lse (b, h, sq) fp32 (merge_block accumulates in fp32); rows
+        that see no key: 0 and -inf."""
+
+    def backward(self, q, k, v, do, out, lse, delta, block: RingBlock,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> dq (b, sq, h, d), dk, dv (b, sk, hk, d), given the whole attention's final out (b, sq, h, d) and lse,
+        delta = rowsum(dO * out) (b, h, sq) of these rows: the flash-attention backward of one block."""
+
+
+class ReferenceBlockCore:
+    """The fp32 reference block core: explicit (b, sq, sk) masks, plain torch ops; exact, for CPU and tests."""
+
+    name = "reference"
+
+    def forward(self, q, k, v, block: RingBlock, scale: float):
+        return block_attention(q, k, v, block.mask(q.device), scale)
+
+    def backward(self, q, k, v, do, out, lse, delta, block: RingBlock, scale: float):
+        return block_attention_grads(q, k, v, do, lse, delta, block.mask(q.device), scale)
+
+
+REFERENCE_CORE = ReferenceBlockCore()
+
+
 # ------------------------------------------------------------------------------------------------ the ring passes
 
 
-def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_step(q, kv, blocks: list[RingBlock], scale: float, core: BlockCore, out, lse) -> None:
+    """One ring step's arithmetic: this rank's q (b, sq, h, d) against a k/v block kv (2, b, sk, hk, d), every block
+    of the step's plan through the core, merged into out (b, sq, h, d) and lse (b, h, sq), fp32, in place."""
+    for block in blocks:
+        qs, ks = block.rows, block.cols
+        block_out, block_lse = core.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], block, scale)
+        merge_block(out[:, qs], lse[:, :, qs], block_out, block_lse)
+
+
+def output_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) (b, h, sq) in fp32, of the whole attention's output: the softmax backward's shift."""
+    return (do.float() * out.float()).sum(-1).transpose(1, 2)
+
+
+def backward_step(q, kv, do, out, lse, delta, blocks: list[RingBlock], scale: float, core: BlockCore, dq,
+                  dkv) -> None:
+    """One ring step's backward arithmetic: every block's gradients given the final out and lse, added to dq
+    (b, sq, h, d) and to the k/v block's dkv (2, b, sk, hk, d), fp32, in place."""
+    for block in blocks:
+        qs, ks = block.rows, block.cols
+        bq, bk, bv = core.backward(q[:, qs], kv[0][:, ks], kv[1][:, ks], do[:, qs], out[:, qs], lse[:, :, qs],
+                                   delta[:, :, qs], block, scale)
+        dq[:, qs] += bq
+        dkv[0][:, ks] += bk
+        dkv[1][:, ks] += bv
+
+
+def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float,
+                  core: BlockCore) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ring: at step t this rank holds rank (r - t)'s k/v; the next block is in flight while this one runs."""
     b, sq, h, d = q.shape
     out = q.new_zeros((b, sq, h, d), dtype=torch.float32)
@@ -202,19 +310,17 @@ def _ring_forward(q, k, v, group: CommGroup, masks: RingMasks, scale: float) -> 
     for step in range(group.size):
         src = (group.rank - step) % group.size
         following, pending = C.ring_pass(kv, group) if step + 1 < group.size else (None, [])
-        for qs, ks, mask in masks.plan(src, q.device):
-            block_out, block_lse = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], mask, scale)
-            merge_block(out[:, qs], lse[:, :, qs], block_out, block_lse)
+        forward_step(q, kv, masks.plan(src), scale, core, out, lse)
         for handle in pending:
             handle.wait()
         kv = following
     return out, lse
 
 
-def _ring_backward(q, k, v, out, lse, do, group: CommGroup, masks: RingMasks, scale: float):
+def _ring_backward(q, k, v, out, lse, do, group: CommGroup, masks: RingMasks, scale: float, core: BlockCore):
     """Backward ring: k/v travel as in the forward and dk/dv travel with them, one step behind, arriving home after
     R passes; each step's gradient pass is in flight while the next block runs."""
-    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # (b, h, sq)
+    delta = output_delta(do, out)  # (b, h, sq)
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv = torch.stack([k, v])  # (2, b, sk, hk, d)
     dkv_in, dkv_pending = None, []
@@ -222,12 +328,7 @@ def _ring_backward(q, k, v, out, lse, do, group: CommGroup, masks: RingMasks, sc
         src = (group.rank - step) % group.size
         following, kv_pending = C.ring_pass(kv, group) if step + 1 < group.size else (None, [])
         acc = torch.zeros_like(kv, dtype=torch.float32)  # this block's dk/dv from our queries
-        for qs, ks, mask in masks.plan(src, q.device):
-            bq, bk, bv = block_attention_grads(q[:, qs], kv[0][:, ks], kv[1][:, ks], do[:, qs], lse[:, :, qs],
-                                               delta[:, :, qs], mask, scale)
-            dq[:, qs] += bq
-            acc[0][:, ks] += bk
-            acc[1][:, ks] += bv
+        backward_step(q, kv, do, out, lse, delta, masks.plan(src), scale, core, dq, acc)
         for handle in dkv_pending:  # the previous ranks' share of this block's dk/dv
             handle.wait()
         if dkv_in is not None:
@@ -245,18 +346,18 @@ class _RingAttention(torch.autograd.Function):
     """Ring attention whose backward runs the ring again (dk/dv travel with their k/v and return to their owner)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, masks, scale):
-        out, lse = _ring_forward(q, k, v, group, masks, scale)
+    def forward(ctx, q, k, v, group, masks, scale, core):
+        out, lse = _ring_forward(q, k, v, group, masks, scale, core)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.masks, ctx.scale = group, masks, scale
+        ctx.group, ctx.masks, ctx.scale, ctx.core = group, masks, scale, core
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, do.contiguous(), ctx.group, ctx.masks, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, do.contiguous(), ctx.group, ctx.masks, ctx.scale, ctx.core)
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -270,22 +371,23 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: CommGroup,
                    positions: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                   masks: Optional[RingMasks] = None) -> torch.Tensor:
+                   masks: Optional[RingMasks] = None, core: BlockCore = REFERENCE_CORE) -> torch.Tensor:
     """Ring attention over zig-zag shards: q (b, s/R, h, d), k, v (b, s/R, hk, d) -> (b, s/R, h, d), equal to causal
     attention over the whole sequence (within each packed document when positions (b, s/R), this rank's shard of
-    the global position_ids, is given). Pass `masks` (ring_masks, once per batch) to skip the positions gather."""
+    the global position_ids, is given). Pass `masks` (ring_masks, once per batch) to skip the positions gather;
+    `core` runs each block (the fp32 reference by default; ring_cores.py has the fused ones)."""
     _check_shapes(q, k, v)
     if masks is None:
         masks = ring_masks(group, q.shape[SEQ_DIM], positions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, group, masks, scale)
+    return _RingAttention.apply(q, k, v, group, masks, scale, core)
 
 
-def ring_core(group: CommGroup):
+def ring_core(group: CommGroup, block_core: BlockCore = REFERENCE_CORE):
     """Ring attention as a local attention core, `core(q, k, v, docs=RingMasks, scale=None)`: what ulysses_attention
     runs in its head-sharded region to make the sp x ring hybrid (q (b, s/R, h/sp, d) holds this ring rank's whole
-    zig-zag shard)."""
+    zig-zag shard); `block_core` runs each ring block."""
     def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RingMasks,
              scale: Optional[float] = None) -> torch.Tensor:
-        return ring_attention(q, k, v, group, scale=scale, masks=docs)
+        return ring_attention(q, k, v, group, scale=scale, masks=docs, core=block_core)
     return core

@@ -71,9 +71,13 @@ def full_value(p: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
     return gather_full(local.detach().float(), param_info(p).shard, mesh.group("tp"))
 
 
-def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "float32", offload: bool = False):
+def train_on_rank(rank: int, world: int, layout: ParallelLayout, dtype: str = "float32", offload: bool = False,
+                  piece_numel: int = 0):
     """The training loop as train.py should run it; returns per-step norms, full params (rank 0) and state bytes
-    (with the whole optimizer state, rank 0)."""
+    (with the whole optimizer state, rank 0). `piece_numel` > 0: offloaded state moves in pieces that small."""
+    if piece_numel:
+        import megalysses.parallel.dp.zero as zero
+        zero.PIECE_NUMEL = piece_numel
     mesh = ParallelMesh(layout)
     model = GPT(CFG, mesh)
     model.init_weights(SEED)

@@ -17,6 +17,7 @@ from megalysses.models.config import GPTConfig
 from megalysses.models.spec import norm_grad_sums_over_tp
 from megalysses.parallel.dp.buffers import ALIGN, GradBuffer
 from megalysses.parallel.dp.offload import SLOTS
+from megalysses.parallel.dp.zero import PIECE_NUMEL
 from megalysses.parallel.layout import ParallelLayout
 from megalysses.parallel.pipeline import local_virtual_stages, stage_layer_ids
 
@@ -167,8 +168,9 @@ def _state_bytes(model: GPTConfig, layout: ParallelLayout, param_dtype_bytes: in
                  largest_bucket=largest, largest_param_grad=max(p.numel for p in params) * param_dtype_bytes)
     masters, moments = owned_padded * FP32, owned * MOMENT_BYTES
     if offload_optimizer:  # one host block (master, exp_avg, exp_avg_sq) per owned bucket chunk, padding included;
-        # the device keeps SLOTS staging buffers of the largest block (stepping, fetching, writing back)
-        staging = SLOTS * max(chunks) * (FP32 + MOMENT_BYTES) if cuda else 0  # a CPU run steps the host blocks
+        # the device keeps SLOTS staging buffers of the largest piece's block (stepping, fetching, writing back)
+        piece = min(max(chunks), PIECE_NUMEL)
+        staging = SLOTS * piece * (FP32 + MOMENT_BYTES) if cuda else 0  # a CPU run steps the host blocks
         return StateBytes(**state, host_masters=masters, host_moments=owned_padded * MOMENT_BYTES,
                           optimizer_steps=runs * FP32, staging=staging)
     return StateBytes(**state, masters=masters, moments=moments, optimizer_steps=runs * FP32)

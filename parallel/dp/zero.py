@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -14,6 +15,20 @@ from .grads import local_values
 from .offload import STATE_ROWS, HostArena, HostStaging
 from .state import MOMENTS, check_state_shapes
 from .sync import GradSync
+
+
+PIECE_NUMEL = 2**25
+"""Offload streams the state in pieces of at most this many elements (3 x 128 MiB of fp32 state each), so the device
+staging stays small however large one parameter (a 128K-vocabulary embedding) or bucket is."""
+
+
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """Buffer range [lo, hi) of a bucket's owned chunk whose state moves and steps as one block."""
+
+    bucket: Bucket
+    lo: int
+    hi: int
 
 
 class DistributedOptimizer:
@@ -29,9 +44,10 @@ class DistributedOptimizer:
     master chunk and the main-gradient buffer; elementwise optimizers (Adam, AdamW, SGD) then update each element
     exactly as they would on the whole parameter. Norm/statistics optimizers (LAMB, Shampoo) would not.
 
-    With `offload` (AdamW only) the masters and moments of each bucket chunk live in one (3, n) block of pinned host
-    memory; step() streams the blocks to the device one bucket at a time (the next one's copy in flight), runs the
-    same inner optimizer there on the device's main gradients, refreshes the parameters and streams the block back.
+    With `offload` (AdamW only) the masters and moments of each piece (at most PIECE_NUMEL owned elements of a bucket)
+    live in one (3, n) block of page-locked host memory; step() streams the blocks to the device one piece at a time
+    (the next one's copy in flight), runs the same inner optimizer there on the device's main gradients, refreshes the
+    parameters and streams the block back.
     Every element sees the same kernel and inputs as without offload, so the result is bitwise the same.
     """
 
@@ -49,47 +65,77 @@ class DistributedOptimizer:
                              f"{len(synced - set(group_of))} only in the GradSync): build both from the same "
                              "model.parameters() (requires_grad only)")
         self._segments = grad_sync.owned_segments()
-        self._masters: dict[Bucket, torch.Tensor] = {}  # bucket -> fp32 owned chunk (hi - lo,)
-        self._blocks: dict[Bucket, torch.Tensor] = {}   # offload: bucket -> host (3, hi - lo) of STATE_ROWS
-        owned = [grad_sync.owned_range(bucket) for bucket in grad_sync.buckets]
-        if offload:  # one exactly sized, page-locked host arena holds every bucket's block
-            self._arena = HostArena([hi - lo for lo, hi in owned], self.device)
-            self._blocks = dict(zip(grad_sync.buckets, self._arena.blocks))
-        for bucket, (lo, hi) in zip(grad_sync.buckets, owned):
-            self._masters[bucket] = (self._blocks[bucket][0] if offload else
-                                     torch.zeros(hi - lo, dtype=torch.float32, device=self.device))
+        self._pieces: list[Piece] = []  # launch order; without offload one per bucket (its whole owned chunk)
+        for bucket in grad_sync.buckets:
+            lo, hi = grad_sync.owned_range(bucket)
+            size = PIECE_NUMEL if offload else hi - lo
+            self._pieces += [Piece(bucket, a, min(a + size, hi)) for a in range(lo, hi, size)]
+        self._pieces_of = {b.index: [pc for pc in self._pieces if pc.bucket is b] for b in grad_sync.buckets}
+        self._masters: dict[Bucket, torch.Tensor] = {}  # on the device: bucket -> fp32 owned chunk (hi - lo,)
+        self._blocks: dict[Piece, torch.Tensor] = {}    # offload: piece -> host (3, hi - lo) of STATE_ROWS
+        if offload:  # one exactly sized, page-locked host arena holds every piece's block
+            self._arena = HostArena([pc.hi - pc.lo for pc in self._pieces], self.device)
+            self._blocks = dict(zip(self._pieces, self._arena.blocks))
+        else:
+            for bucket in grad_sync.buckets:
+                lo, hi = grad_sync.owned_range(bucket)
+                self._masters[bucket] = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             for seg in self._segments:
-                values = seg.param.detach().reshape(-1)[seg.param_lo:seg.param_hi]
-                self.master(seg.bucket, seg.lo, seg.hi).copy_(values)
+                values = seg.param.detach().reshape(-1)
+                for lo, hi, view in self._master_parts(seg.bucket, seg.lo, seg.hi):
+                    view.copy_(values[seg.param_lo + lo - seg.lo:seg.param_lo + hi - seg.lo])
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in param_groups]
         self._flats: list[tuple[Bucket, int, int, torch.nn.Parameter]] = []  # (bucket, lo, hi, inner param)
         self._grads: dict[int, torch.Tensor] = {}  # id(flat) -> its main-gradient slice
         for first, last, group in self._runs(group_of):
-            flat = torch.nn.Parameter(self.master(first.bucket, first.lo, last.hi))  # aliases the master chunk
-            self._grads[id(flat)] = first.buffer.data[first.lo:last.hi]
-            if not offload:  # offloaded flats live in host memory: their device gradient is attached while stepping
-                flat.grad = self._grads[id(flat)]
-            inner_groups[group]["params"].append(flat)
-            self._flats.append((first.bucket, first.lo, last.hi, flat))
+            for lo, hi, view in self._master_parts(first.bucket, first.lo, last.hi):  # a flat never spans pieces
+                flat = torch.nn.Parameter(view)  # aliases the master chunk
+                self._grads[id(flat)] = first.buffer.data[lo:hi]
+                if not offload:  # offloaded flats live in host memory: the device gradient is attached to step
+                    flat.grad = self._grads[id(flat)]
+                inner_groups[group]["params"].append(flat)
+                self._flats.append((first.bucket, lo, hi, flat))
         self._bucket_flats = {b.index: [(lo, hi, f) for bb, lo, hi, f in self._flats if bb is b]
                               for b in grad_sync.buckets}
+        self._piece_flats = {pc: [(lo, hi, f) for lo, hi, f in self._bucket_flats[pc.bucket.index]
+                                  if pc.lo <= lo < pc.hi] for pc in self._pieces}
         self._bucket_segments = {b.index: [s for s in self._segments if s.bucket is b] for b in grad_sync.buckets}
         self.optimizer = optimizer_cls(inner_groups, **defaults)
         self._grads_zeroed = False  # the last (offloaded, deferred) step zeroed the main gradients itself
+        self._gathering: dict[int, torch.Tensor] = {}  # ZeRO-1: bucket index -> its gather buffer being filled
         self._stepped: dict[int, Any] = {}  # bucket index -> the mark its deferred step recorded
         self._forward_order: list[Bucket] = []  # the buckets in the order the forward needs them (wait_for_step)
         if offload:
-            self._staging = HostStaging(self.device, max(b.numel() for b in self._blocks.values()))
+            self._staging = HostStaging(self.device, max(block.numel() for block in self._blocks.values()))
             self._init_offloaded_state()
         if param_dtype is not None:  # masters keep the fp32 values; the model computes in param_dtype
             for p in grad_sync.params:
                 p.data = p.data.to(param_dtype)
 
     def master(self, bucket: Bucket, lo: int, hi: int) -> torch.Tensor:
-        """The fp32 master copy of buffer range [lo, hi) of an owned bucket chunk (a view)."""
-        own_lo = self.sync.owned_range(bucket)[0]
-        return self._masters[bucket][lo - own_lo:hi - own_lo]
+        """The fp32 master copy of buffer range [lo, hi) of an owned bucket chunk (a view; within one piece)."""
+        if not self.offload:
+            own_lo = self.sync.owned_range(bucket)[0]
+            return self._masters[bucket][lo - own_lo:hi - own_lo]
+        piece = self._piece_at(bucket, lo)
+        if hi > piece.hi:
+            raise ValueError(f"master range [{lo}, {hi}) of bucket {bucket.index} spans pieces: use _master_parts")
+        return self._blocks[piece][0, lo - piece.lo:hi - piece.lo]
+
+    def _piece_at(self, bucket: Bucket, lo: int) -> Piece:
+        """The piece holding buffer element lo of the bucket's owned chunk."""
+        pieces = self._pieces_of[bucket.index]
+        return pieces[(lo - pieces[0].lo) // PIECE_NUMEL] if self.offload else pieces[0]
+
+    def _master_parts(self, bucket: Bucket, lo: int, hi: int) -> list[tuple[int, int, torch.Tensor]]:
+        """Buffer range [lo, hi) of an owned chunk cut at piece boundaries: (lo, hi, master view) each."""
+        parts = []
+        while lo < hi:
+            end = min(hi, self._piece_at(bucket, lo).hi)
+            parts.append((lo, end, self.master(bucket, lo, end)))
+            lo = end
+        return parts
 
     def _runs(self, group_of: dict[int, int]) -> list[tuple[Segment, Segment, int]]:
         """Maximal runs of adjacent owned segments in one bucket and one parameter group: (first, last, group)."""
@@ -122,9 +168,8 @@ class DistributedOptimizer:
     def _host_moments(self, flat: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """Views of the host block rows that hold this flat's moments."""
         bucket, lo, hi = next((b, lo, hi) for b, lo, hi, f in self._flats if f is flat)
-        own_lo = self.sync.owned_range(bucket)[0]
-        block = self._blocks[bucket]
-        return {key: block[STATE_ROWS.index(key), lo - own_lo:hi - own_lo] for key in MOMENTS}
+        piece = self._piece_at(bucket, lo)
+        return {key: self._blocks[piece][STATE_ROWS.index(key), lo - piece.lo:hi - piece.lo] for key in MOMENTS}
 
     def _step_tensor(self, value: float, on_device: bool) -> torch.Tensor:
         """AdamW's step count as it keeps it: on the device for the fused/capturable kernels, else a CPU scalar."""
@@ -137,10 +182,14 @@ class DistributedOptimizer:
             self._streamed_step()
             return
         self.optimizer.step()
-        self._land([self._publish(bucket, self._masters[bucket]) for bucket in self.sync.buckets])
+        gathers = []
+        for bucket in self.sync.buckets:
+            lo, hi = self.sync.owned_range(bucket)
+            gathers.append(self._publish(bucket, lo, hi, self._masters[bucket], last=True))
+        self._land(gathers)
 
     def _streamed_step(self) -> None:
-        """Offload: fetch bucket i + 1's state block while bucket i steps on the device, then write it back.
+        """Offload: fetch piece i + 1's state block while piece i steps on the device, then write it back.
 
         Unsharded (one rank owns every element), the buckets step in forward order on a side stream that the host
         does not wait for: the next forward waits (wait_for_step) only for the buckets of the layer it is about to
@@ -148,21 +197,23 @@ class DistributedOptimizer:
         are zeroed right after its step, on that stream."""
         staging, deferred = self._staging, self.sync.shards == 1
         buckets = (self._forward_order or self.sync.buckets[::-1]) if deferred else self.sync.buckets
+        pieces = [pc for bucket in buckets for pc in self._pieces_of[bucket.index]]
         staging.begin()
         gathers = []
         with staging.stepping(deferred):
-            following = staging.fetch(self._blocks[buckets[0]])
-            for i, bucket in enumerate(buckets):
+            following = staging.fetch(self._blocks[pieces[0]])
+            for i, piece in enumerate(pieces):
                 staged = following
-                following = staging.fetch(self._blocks[buckets[i + 1]]) if i + 1 < len(buckets) else None
-                block = staging.wait(staged)  # (3, owned elements) on the device
-                with self._stepping_on(bucket, block):
+                following = staging.fetch(self._blocks[pieces[i + 1]]) if i + 1 < len(pieces) else None
+                block = staging.wait(staged)  # (3, piece elements) on the device
+                with self._stepping_on(piece, block):
                     self.optimizer.step()
-                gathers.append(self._publish(bucket, block[0]))
-                staging.write_back(staged, self._blocks[bucket])
-                if deferred:
-                    self.sync.bucket_main_grads(bucket).zero_()
-                    self._stepped[bucket.index] = staging.mark()
+                last = piece is self._pieces_of[piece.bucket.index][-1]
+                gathers.append(self._publish(piece.bucket, piece.lo, piece.hi, block[0], last))
+                staging.write_back(staged, self._blocks[piece])
+                if deferred and last:
+                    self.sync.bucket_main_grads(piece.bucket).zero_()
+                    self._stepped[piece.bucket.index] = staging.mark()
             staging.end()
         self._grads_zeroed = deferred
         self._land(gathers)
@@ -187,17 +238,16 @@ class DistributedOptimizer:
                 self._staging.await_mark(done)
 
     @contextlib.contextmanager
-    def _stepping_on(self, bucket: Bucket, block: torch.Tensor) -> Iterator[None]:
-        """The inner optimizer sees only this bucket's flats, their values and moments pointing into the device block
+    def _stepping_on(self, piece: Piece, block: torch.Tensor) -> Iterator[None]:
+        """The inner optimizer sees only this piece's flats, their values and moments pointing into the device block
         and their gradients attached; afterwards they point back into the host block."""
-        own_lo = self.sync.owned_range(bucket)[0]
-        members = self._bucket_flats[bucket.index]
+        members = self._piece_flats[piece]
         for lo, hi, flat in members:
-            flat.data = block[0, lo - own_lo:hi - own_lo]
+            flat.data = block[0, lo - piece.lo:hi - piece.lo]
             flat.grad = self._grads[id(flat)]
             state = self.optimizer.state[flat]
             for key in MOMENTS:
-                state[key] = block[STATE_ROWS.index(key), lo - own_lo:hi - own_lo]
+                state[key] = block[STATE_ROWS.index(key), lo - piece.lo:hi - piece.lo]
         groups = self.optimizer.param_groups
         everyone = [g["params"] for g in groups]
         ids = {id(flat) for *_, flat in members}
@@ -210,24 +260,32 @@ class DistributedOptimizer:
                 g["params"] = params
             for lo, hi, flat in members:
                 flat.grad = None
-                flat.data = self.master(bucket, lo, hi)
+                flat.data = self.master(piece.bucket, lo, hi)
                 self.optimizer.state[flat].update(self._host_moments(flat))
 
-    def _publish(self, bucket: Bucket, master: torch.Tensor):
-        """Put a bucket's updated owned masters (fp32, on the device) into the parameters: copied in place, or under
-        ZeRO-1 cast to the parameter dtype and all-gathered over dp x ring x sp (returns the pending gather)."""
-        own_lo = self.sync.owned_range(bucket)[0]
+    def _publish(self, bucket: Bucket, lo: int, hi: int, master: torch.Tensor, last: bool):
+        """Put updated masters of owned buffer range [lo, hi) (fp32, on the device) into the parameters: copied in
+        place, or under ZeRO-1 cast into the bucket's gather buffer, all-gathered over dp x ring x sp once the
+        bucket's `last` range is in (returns the pending gather then)."""
         if self.sync.shards == 1:
             for seg in self._bucket_segments[bucket.index]:
-                seg.param.detach().view(-1)[seg.param_lo:seg.param_hi].copy_(master[seg.lo - own_lo:seg.hi - own_lo])
+                a, b = max(seg.lo, lo), min(seg.hi, hi)
+                if a < b:
+                    start = seg.param_lo + a - seg.lo
+                    seg.param.detach().view(-1)[start:start + b - a].copy_(master[a - lo:b - lo])
             return None
-        dtypes = {p.dtype for p in bucket.params}
-        if len(dtypes) != 1:
-            raise TypeError(f"bucket {bucket.index} mixes parameter dtypes {sorted(map(str, dtypes))}: cast the "
-                            "whole model to one dtype (or pass param_dtype) before the first step")
-        flat = torch.empty(bucket.end - bucket.start, dtype=dtypes.pop(), device=master.device)
-        lo, hi = self.sync.owned_range(bucket)
+        if bucket.index not in self._gathering:
+            dtypes = {p.dtype for p in bucket.params}
+            if len(dtypes) != 1:
+                raise TypeError(f"bucket {bucket.index} mixes parameter dtypes {sorted(map(str, dtypes))}: cast the "
+                                "whole model to one dtype (or pass param_dtype) before the first step")
+            self._gathering[bucket.index] = torch.empty(bucket.end - bucket.start, dtype=dtypes.pop(),
+                                                        device=master.device)
+        flat = self._gathering[bucket.index]
         flat[lo - bucket.start:hi - bucket.start].copy_(master)
+        if not last:
+            return None
+        del self._gathering[bucket.index]
         return bucket, flat, C.all_gather_flat_async(flat, self.sync.data_group)
 
     def _land(self, gathers) -> None:
@@ -253,7 +311,8 @@ class DistributedOptimizer:
 
     def master_bytes(self) -> int:
         """Bytes of fp32 master weights on this rank (padding included)."""
-        return sum(m.numel() * m.element_size() for m in self._masters.values())
+        masters = [block[0] for block in self._blocks.values()] if self.offload else self._masters.values()
+        return sum(m.numel() * m.element_size() for m in masters)
 
     def host_bytes(self) -> int:
         """Bytes of optimizer state this rank keeps in host memory (the offloaded masters and moments, else 0)."""
@@ -294,9 +353,6 @@ class DistributedOptimizer:
                 block[1:].zero_()
         moments = {id(flat): (self._host_moments(flat) if self.offload else
                               {k: torch.zeros_like(flat) for k in MOMENTS}) for *_, flat in self._flats}
-        runs = {}  # bucket index -> [(lo, hi, flat)]
-        for bucket, lo, hi, flat in self._flats:
-            runs.setdefault(bucket.index, []).append((lo, hi, flat))
         segments: dict[int, list[Segment]] = {}
         for seg in self._segments:
             segments.setdefault(id(seg.param), []).append(seg)
@@ -306,10 +362,13 @@ class DistributedOptimizer:
             s = states[i]
             p.copy_(s["master"])
             for seg in segments.get(id(p), ()):
-                self.master(seg.bucket, seg.lo, seg.hi).copy_(s["master"].reshape(-1)[seg.param_lo:seg.param_hi])
-                lo, _, flat = next(r for r in runs[seg.bucket.index] if r[0] <= seg.lo < r[1])
-                for key in MOMENTS:
-                    moments[id(flat)][key][seg.lo - lo:seg.hi - lo].copy_(s[key].reshape(-1)[seg.param_lo:seg.param_hi])
+                for lo, hi, flat in self._bucket_flats[seg.bucket.index]:  # the flats this segment overlaps
+                    a, b = max(lo, seg.lo), min(hi, seg.hi)
+                    if a < b:
+                        start = seg.param_lo + a - seg.lo
+                        flat.data[a - lo:b - lo].copy_(s["master"].reshape(-1)[start:start + b - a])
+                        for key in MOMENTS:
+                            moments[id(flat)][key][a - lo:b - lo].copy_(s[key].reshape(-1)[start:start + b - a])
             steps.add(float(s["step"]))
         if len(steps) > 1:
             raise ValueError(f"DistributedOptimizer.load_state_dict: the parameters have different step counts "
@@ -331,12 +390,13 @@ class DistributedOptimizer:
     def _bucket_values(self, bucket: Bucket, key: str) -> torch.Tensor:
         """The whole bucket's fp32 masters or one AdamW moment, (bucket.end - bucket.start,); padding is 0."""
         lo = self.sync.owned_range(bucket)[0]
-        if key == "master":
+        if key == "master" and not self.offload:
             local = self._masters[bucket]
         else:
-            local = torch.zeros_like(self._masters[bucket])
+            own_lo, own_hi = self.sync.owned_range(bucket)
+            local = torch.zeros(own_hi - own_lo, dtype=torch.float32, device="cpu" if self.offload else self.device)
             for run_bucket, run_lo, run_hi, flat in self._flats:
-                value = self.optimizer.state.get(flat, {}).get(key)
+                value = flat.data if key == "master" else self.optimizer.state.get(flat, {}).get(key)
                 if run_bucket is bucket and value is not None:
                     local[run_lo - lo:run_hi - lo].copy_(value)
         local = local.to(self.device)  # offloaded state is gathered (and saved) from the device like the rest

@@ -13,7 +13,8 @@ from megalysses.parallel.launch import run_ranks
 from megalysses.train import QUICKSTART, main
 from test_data_parallel import LAYOUTS, _world, results_for, train_on_rank
 
-OFFLOAD_LAYOUTS = ["dp2", "dp2-sp2", "zero1-dp2", "zero1-dp2-sp2", "fsdp-dp2", "fsdp-dp2-sp2"]
+OFFLOAD_LAYOUTS = ["dp2", "dp2-sp2", "tp2-sp2-seqpar", "zero1-dp2", "zero1-dp2-sp2", "zero1-dp2-tp2-seqpar", "fsdp-dp2",
+                   "fsdp-dp2-sp2", "fsdp-dp2-tp2-seqpar"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,11 +77,13 @@ def logged_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("zero, first, second", [(1, False, True), (3, True, False)])
-def test_resume_switching_offload_continues_bitwise(tmp_path, zero, first, second):
+@pytest.mark.parametrize("layout, first, second", [("{dp: 2, sp: 2, zero: 1}", False, True),
+                                                   ("{dp: 2, sp: 2, zero: 3}", True, False),
+                                                   ("{pp: 2, dp: 2, zero: 0}", True, False)])
+def test_resume_switching_offload_continues_bitwise(tmp_path, layout, first, second):
     """4 steps with offload `first`, checkpoint at step 2; resuming that checkpoint with offload `second` logs the
-    same losses at steps 3 and 4, bit for bit, and saves the same final state."""
-    layout = f"layout={{dp: 2, sp: 2, zero: {zero}}}"
+    same losses at steps 3 and 4, bit for bit, and saves the same final state (ZeRO-1, FSDP2, a 2-stage pipeline)."""
+    layout = f"layout={layout}"
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert main([*ARGS, layout, f"train.offload_optimizer={first}", f"logging.run_dir={reference}"]) == 0
     at_step_2 = reference / "checkpoints" / "step-2"

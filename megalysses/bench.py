@@ -55,7 +55,8 @@ def describe_setup(cfg: RunConfig) -> str:
     m = cfg.model
     precision = f"fp8-{cfg.train.fp8}" if cfg.train.fp8 != "none" else ("bf16" if cfg.train.dtype == "bfloat16" else "fp32")
     savers = [f"recompute={cfg.memory.recompute}"] if cfg.memory.recompute != "none" else []
-    savers += ["offload"] if cfg.memory.offload_activations else []
+    savers += ([f"offload<{cfg.memory.offload_layers}" if cfg.memory.offload_layers else "offload"]
+               if cfg.memory.offload_activations else [])
     savers += ["optimizer-offload"] if cfg.train.offload_optimizer else []
     savers += [f"{k}={getattr(cfg.memory, k)}" for k in ("mlp_tiles", "loss_tiles") if getattr(cfg.memory, k) > 1]
     savers += ["fused_loss"] if cfg.memory.fused_loss else []

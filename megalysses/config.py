@@ -209,6 +209,9 @@ class RunConfig:
         _require(not (layout.pp > 1 and layout.zero in (1, 3) and m.tie_embeddings),
                  f"layout.zero = {layout.zero} with pp = {layout.pp} and tied embeddings is not supported: the tied "
                  "embedding's two copies need whole gradients; use zero=0 or model.tie_embeddings=false")
+        _require(self.memory.offload_layers <= m.num_layers,
+                 f"memory.offload_layers = {self.memory.offload_layers} exceeds model.num_layers = {m.num_layers}: set "
+                 f"it to at most {m.num_layers} (or 0: every layer)")
         _require(t.seq_len <= m.max_seq_len,
                  f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
         if layout.dp is not None and t.global_batch_size % (t.micro_batch_size * layout.dp):

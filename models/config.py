@@ -158,6 +158,11 @@ class MemoryConfig:
     valid-token count); the same loss and gradients as the unfused head up to float rounding. 'auto' lets the
     planner choose."""
 
+    offload_layers: int = 0
+    """With offload_activations: offload only the layers whose global index is below this (the first layers, whose
+    inputs wait longest for backward), keeping the rest on the device, when the host cannot take every layer's
+    inputs next to the rest of what it holds (an offloaded optimizer state, say); 0 = every layer."""
+
     def __post_init__(self):
         if self.recompute not in RECOMPUTE:
             raise ModelConfigError(f"memory.recompute = {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
@@ -168,6 +173,13 @@ class MemoryConfig:
             value = getattr(self, name)
             if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ModelConfigError(f"memory.{name} = {value!r}: must be >= 1 (1 turns tiling off) or 'auto'")
+        if not isinstance(self.offload_layers, int) or isinstance(self.offload_layers, bool) or self.offload_layers < 0:
+            raise ModelConfigError(f"memory.offload_layers = {self.offload_layers!r}: must be >= 0 (0 offloads every "
+                                   "layer)")
+        if self.offload_layers and self.offload_activations is False:
+            raise ModelConfigError(f"memory.offload_layers = {self.offload_layers} limits which layers offload, and "
+                                   "memory.offload_activations = false offloads none: set "
+                                   "memory.offload_activations=true, or memory.offload_layers=0")
         if self.offload_activations is True and self.recompute == "none":
             raise ModelConfigError("memory.offload_activations = true offloads the inputs of recomputed regions, and "
                                    "memory.recompute = 'none' recomputes nothing: set memory.recompute to 'full', "
@@ -177,6 +189,10 @@ class MemoryConfig:
         """The keys left to the planner."""
         return tuple(k for k in ("recompute", "offload_activations", "mlp_tiles", "loss_tiles", "fused_loss")
                      if getattr(self, k) == AUTO)
+
+    def offloads_layer(self, layer: int) -> bool:
+        """Whether the block of this global layer index keeps its recomputed regions' inputs on the host."""
+        return self.offload_activations is True and (self.offload_layers == 0 or layer < self.offload_layers)
 
     def require_resolved(self) -> None:
         """Raise where a key is still 'auto' (the model needs concrete savers: megalysses.plan resolves them)."""

@@ -30,7 +30,8 @@ from .spec import LayerSpec, layer_spec
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh, memory: MemoryConfig = MemoryConfig()):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh, memory: MemoryConfig = MemoryConfig(),
+                 offload: bool = False):
         super().__init__()
         tp = mesh.size("tp")
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
@@ -50,7 +51,7 @@ class Attention(nn.Module):
                                              cfg.softmax_scale)
         self.scale = cfg.softmax_scale
         self.recompute_core = memory.recompute == "selective"  # inside the head-sharded region: no all-to-all re-run
-        self.offload = memory.offload_activations
+        self.offload = offload
 
     def forward(self, x, cos, sin, docs):
         return self.out(self.attend(*self.project(x, cos, sin), docs).flatten(2))
@@ -91,15 +92,16 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh, memory: MemoryConfig = MemoryConfig()):
+    def __init__(self, cfg: GPTConfig, spec: LayerSpec, mesh: ParallelMesh, memory: MemoryConfig = MemoryConfig(),
+                 offload: bool = False):
         super().__init__()
         self.attn_norm = spec.attn_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
-        self.attn = Attention(cfg, spec, mesh, memory)
+        self.attn = Attention(cfg, spec, mesh, memory, offload)
         self.mlp_norm = spec.mlp_norm(cfg.hidden_size, cfg.rms_norm_eps, mesh)
         self.mlp = MLP(cfg, spec, mesh)
         self.mlp_tiles = memory.mlp_tiles
         self.around_core = memory.recompute == "around_core"
-        self.offload = memory.offload_activations
+        self.offload = offload  # this layer's recomputed regions keep their inputs on the host
 
     def forward(self, x, cos, sin, docs):
         if self.around_core:  # keep the core's inputs and output; recompute the rest of the block from x and o
@@ -141,7 +143,8 @@ class GPT(nn.Module):
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         if pre_process or (post_process and cfg.tie_embeddings):
             self.embed = spec.embedding(cfg.vocab_size, cfg.hidden_size, self.mesh)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, spec, self.mesh, memory) for i in layer_ids})  # global ids
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, spec, self.mesh, memory, memory.offloads_layer(i))
+                                     for i in layer_ids})  # global ids
         if post_process:
             self.norm = spec.norm(cfg.hidden_size, cfg.rms_norm_eps, self.mesh)
             if not cfg.tie_embeddings:
@@ -209,7 +212,7 @@ class GPT(nn.Module):
     def run_block(self, block: Block, x, cos, sin, docs):
         """One block; under full recompute only its input is kept (on the host with offload) and the rest re-run."""
         if self.memory.recompute == "full":
-            return recompute(block, x, cos, sin, docs, offload=self.memory.offload_activations)
+            return recompute(block, x, cos, sin, docs, offload=block.offload)
         return block(x, cos, sin, docs)
 
     @torch.no_grad()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from megalysses.bench import random_rows
-from megalysses.config import RunConfig, TrainConfig
+from megalysses.config import ConfigError, RunConfig, TrainConfig
 from megalysses.models import memory as memory_module
-from megalysses.models.config import GPTConfig, MemoryConfig
+from megalysses.models.config import GPTConfig, MemoryConfig, ModelConfigError
 from megalysses.models.gpt import GPT
 from megalysses.models.rope import rope_cos_sin
 from megalysses.parallel import ParallelLayout
@@ -217,3 +217,56 @@ def test_savers_under_parallel_layouts_keep_what_the_model_predicts(case):
         predicted = block_memory(shapes, memory)
         for device, host in per_rank:
             assert (sum(predicted.device.values()), sum(predicted.host.values())) == (device, host), memory
+
+
+@pytest.mark.parametrize("recompute", ["full", "around_core"])
+def test_offload_of_the_first_layers_only_matches_the_plan(recompute, monkeypatch):
+    """memory.offload_layers = 2 of 4: the first two blocks' recomputed inputs go to the host, the others' stay; the
+    device and host bytes the whole model saves match the planner's terms, and the loss is the same."""
+    from megalysses.models import memory as memory_module
+
+    partial = MemoryConfig(recompute=recompute, offload_activations=True, offload_layers=2)
+    assert CFG.num_layers == 4 and [partial.offloads_layer(i) for i in range(4)] == [True, True, False, False]
+    model = GPT(CFG, memory=partial)
+    model.init_weights(0)
+    assert [b.offload for b in model.blocks.values()] == [True, True, False, False]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept, host = {}, []
+    pack_to_host = memory_module._pack_to_host
+
+    def counting_pack(t):
+        host.append(t.numel() * t.element_size())
+        return pack_to_host(t)
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    monkeypatch.setattr(memory_module, "_pack_to_host", counting_pack)
+    ids = torch.randint(0, CFG.vocab_size, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, None, ids, total_valid=torch.tensor(B * S))
+    cfg = RunConfig(model=CFG, layout=ParallelLayout(), memory=partial,
+                    train=TrainConfig(global_batch_size=B, micro_batch_size=B, seq_len=S, nproc=1))
+    plan = plan_memory(cfg, 1, eager=True)
+    saved = sum(v for k, v in plan.device.items() if k.startswith(("activations", "head")))
+    assert saved == pytest.approx(sum(kept.values()), rel=0.02)
+    everything = dataclasses.replace(partial, offload_layers=0)
+    one_layer_host = sum(block_memory(Shapes(CFG, ParallelLayout().resolve(1), B, S, 4, eager=True),
+                                      everything).host.values())
+    assert plan.host["offloaded activations"] == 2 * one_layer_host == sum(host) > 0
+    reference = GPT(CFG, memory=MemoryConfig(recompute=recompute))
+    reference.init_weights(0)
+    assert loss.item() == reference(ids, None, ids, total_valid=torch.tensor(B * S)).item()
+
+
+def test_offload_layers_needs_offload_and_fits_the_model():
+    with pytest.raises(ModelConfigError, match="offload_activations = false offloads none"):
+        MemoryConfig(recompute="full", offload_layers=4)
+    with pytest.raises(ModelConfigError, match=r"offload_layers = -1: must be >= 0"):
+        MemoryConfig(recompute="full", offload_activations=True, offload_layers=-1)
+    cfg = RunConfig(model=CFG, memory=MemoryConfig(recompute="full", offload_activations=True, offload_layers=5),
+                    train=TrainConfig(seq_len=S))
+    with pytest.raises(ConfigError, match="offload_layers = 5 exceeds model.num_layers = 4"):
+        cfg.check()

@@ -2,6 +2,8 @@
 on the device and on the host, against their capacities."""
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -92,6 +94,8 @@ def _rank_plan(cfg: RunConfig, layout: ParallelLayout, pp_rank: int, eager: bool
     state = state_bytes(m, layout, act, pp_rank=pp_rank, cuda=cuda, offload_optimizer=offload_optimizer(cfg))
     shapes = Shapes(m, layout, t.micro_batch_size, _padded(t.seq_len, layout.sequence_unit), act, eager)
     block = block_memory(shapes, memory)
+    kept_block = block_memory(shapes, dataclasses.replace(memory, offload_activations=False, offload_layers=0)) \
+        if memory.offload_activations else block  # a layer past memory.offload_layers keeps its inputs
     layers = stage_layer_ids(layout, m.num_layers)
     chunks = [layers[c * layout.pp + pp_rank] for c in range(layout.vpp)]
     last_stage = pp_rank == layout.pp - 1
@@ -104,7 +108,10 @@ def _rank_plan(cfg: RunConfig, layout: ParallelLayout, pp_rank: int, eager: bool
         per_mb += 2 * sizes["x"]  # the stage's input (received) and output (kept for its backward)
     head = sum(shapes.head_saves(memory).values()) * live if last_stage else 0
     working = max(block.working, shapes.loss_working(memory) if last_stage else 0)
-    activations = layers_live * sum(block.device.values()) + live * per_mb + head + working
+    offloaded = max(sum(memory.offloads_layer(i) for i in c) for c in chunks)  # the chunk holding the most
+    kept = max(sum(not memory.offloads_layer(i) for i in c) for c in chunks)
+    blocks_device = live * (offloaded * sum(block.device.values()) + kept * sum(kept_block.device.values()))
+    activations = blocks_device + live * per_mb + head + working
     grads = {"main gradients (fp32)": state.main_grads}
     if layout.zero == 3:  # sharded gradients appear as backward ends (activations gone); unsharded ones, kept in
         # fp32 by FSDP across the micro-batches of a step (no reduce-scatter inside no_sync), are all there at once
@@ -115,11 +122,11 @@ def _rank_plan(cfg: RunConfig, layout: ParallelLayout, pp_rank: int, eager: bool
               "master weights (fp32)": state.masters, "AdamW moments (fp32)": state.moments + state.optimizer_steps,
               "optimizer staging": state.staging, "gathered FSDP units": state.gathered_units,
               "largest parameter gradient": state.largest_param_grad,
-              f"activations: {layers_live} block(s) x micro-batch": layers_live * sum(block.device.values()),
+              f"activations: {layers_live} block(s) x micro-batch": blocks_device,
               "activations: per micro-batch (rope, ids, stage I/O)": live * per_mb,
               "head + loss saved": head,
               "working set at the peak": working}
-    host = {"offloaded activations": layers_live * sum(block.host.values()),
+    host = {"offloaded activations": live * offloaded * sum(block.host.values()),
             "master weights (fp32)": state.host_masters, "AdamW moments (fp32)": state.host_moments,
             "sharded parameters (fp32)": state.host_params, "sharded gradients (fp32)": state.host_grads}
     return device, {k: v for k, v in host.items() if v}, state

@@ -64,7 +64,8 @@ def evaluate(cfg: RunConfig, world: int, capacity: Capacity) -> Candidate:
 
 
 def saver_choices(memory: MemoryConfig, local_tokens: int) -> Iterator[MemoryConfig]:
-    """Every concrete MemoryConfig agreeing with memory's non-'auto' keys (tiles no more than the local tokens)."""
+    """Every concrete MemoryConfig agreeing with memory's non-'auto' keys (tiles no more than the local tokens; the
+    offloading ones keep memory.offload_layers)."""
     pick = lambda key, options: [getattr(memory, key)] if getattr(memory, key) != AUTO else list(options)
     for recompute, offload, mlp, loss, fused in itertools.product(
             pick("recompute", RECOMPUTE_CHOICES), pick("offload_activations", (False, True)),
@@ -76,7 +77,7 @@ def saver_choices(memory: MemoryConfig, local_tokens: int) -> Iterator[MemoryCon
         if fused and memory.loss_tiles == AUTO and loss > 1:  # fused: loss_tiles counts chunks; 1 sizes them itself
             continue
         yield MemoryConfig(recompute=recompute, offload_activations=offload, mlp_tiles=mlp, loss_tiles=loss,
-                           fused_loss=fused)
+                           fused_loss=fused, offload_layers=memory.offload_layers if offload else 0)
 
 
 def best_savers(cfg: RunConfig, world: int, capacity: Capacity) -> tuple[Optional[Candidate], list[Candidate]]:

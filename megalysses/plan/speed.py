@@ -249,5 +249,7 @@ def _offload(shapes: Shapes, memory, layers: float, rates: Mapping, busy: float,
         return 0.0
     from .activations import block_memory
 
-    seconds = sum(block_memory(shapes, memory).host.values()) * layers * micro / (float(rates["host_copy_gbps"]) * 1e9)
+    share = 1.0 if not memory.offload_layers else min(1.0, memory.offload_layers / shapes.model.num_layers)
+    seconds = (sum(block_memory(shapes, memory).host.values()) * layers * share * micro
+               / (float(rates["host_copy_gbps"]) * 1e9))
     return seconds + max(0.0, seconds - busy / 3)
